@@ -1,0 +1,376 @@
+#pragma once
+/// \file rankwise/adapters/lora.hpp
+/// LoRA: low-rank adaptation of a frozen linear layer. Hu et al., 2021, arXiv:2106.09685;
+/// rsLoRA scaling: Kalajdzievski, 2023, arXiv:2312.03732.
+///
+///   y = W x + b + s * B diag(g) A drop(x)      s = alpha / r0  (rsLoRA: alpha / sqrt(r0))
+///   shapes  x: in x n, A: r x in ("lora_A"), B: out x r ("lora_B"), gates g: r (not trainable)
+///   init    A ~ kaiming_uniform(a = sqrt(5)) = U(+-1/sqrt(in)) (or N(0, 1/r0^2)), B = 0, g = 1
+///   train   A and B; the base is frozen. r0 is the rank at construction: rank surgery
+///           (remove_ranks / add_ranks) keeps s, so surviving ranks keep their contribution.
+/// Compute scales with the current rank r; B A is formed only by delta_weight() and merge().
+/// Docs: docs/adapters/lora.md
+
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/init.hpp>
+#include <rankwise/core/layer.hpp>
+#include <rankwise/core/parameter.hpp>
+#include <rankwise/core/random.hpp>
+#include <rankwise/core/types.hpp>
+#include <rankwise/layers/linear.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace rankwise {
+
+/// How A is initialised (B always starts at zero, so the adapter starts as the identity).
+enum class LoRAInit {
+  KaimingUniform,  ///< PEFT's default (init_lora_weights=True): U(-1/sqrt(in), 1/sqrt(in))
+  Gaussian,        ///< PEFT's "gaussian": N(0, (1/r)^2)
+};
+
+/// Parses PEFT's names for LoRA's init: "default", "true" or "kaiming_uniform"; "gaussian".
+inline LoRAInit lora_init_from_name(std::string_view name) {
+  if (name == "default" || name == "true" || name == "kaiming_uniform") return LoRAInit::KaimingUniform;
+  if (name == "gaussian") return LoRAInit::Gaussian;
+  detail::fail("rankwise::LoRAOptions", "init must be one of \"default\", \"kaiming_uniform\", \"gaussian\" (got \"",
+               name, "\")");
+}
+
+inline const char* to_string(LoRAInit init) {
+  return init == LoRAInit::Gaussian ? "gaussian" : "kaiming_uniform";
+}
+
+struct LoRAOptions {
+  Index rank = 8;           ///< r, in [1, min(in, out)]
+  double alpha = 8.0;       ///< lora_alpha (PEFT's default 8), > 0
+  double dropout = 0.0;     ///< dropout on the adapter branch's input while training, in [0, 1)
+  bool use_rslora = false;  ///< scale alpha / sqrt(r) instead of alpha / r
+  LoRAInit init = LoRAInit::KaimingUniform;
+};
+
+template <FloatScalar Scalar_, typename Base_ = Linear<Scalar_>>
+class LoRA {
+ public:
+  using Scalar = Scalar_;
+  using Base = Base_;
+  using MatrixType = Matrix<Scalar>;
+  using VectorType = Vector<Scalar>;
+
+  /// Wraps `base` (taken over and frozen) with a fresh adapter; draws A, then forks the dropout stream.
+  LoRA(Base base, const LoRAOptions& options, Random& rng) : m_base(std::move(base)), m_options(options) {
+    const Index limit = std::min(in_features(), out_features());
+    if (options.rank < 1 || options.rank > limit)
+      detail::fail("rankwise::LoRA", "rank must be in [1, min(in, out)] = [1, ", limit, "] (got ", options.rank, ")");
+    if (!(options.alpha > 0.0) || !std::isfinite(options.alpha))
+      detail::fail("rankwise::LoRA", "alpha must be a finite number > 0 (got ", options.alpha, ")");
+    if (!(options.dropout >= 0.0 && options.dropout < 1.0))
+      detail::fail("rankwise::LoRA", "dropout must be in [0, 1) (got ", options.dropout, ")");
+    if (options.init != LoRAInit::KaimingUniform && options.init != LoRAInit::Gaussian)
+      detail::fail("rankwise::LoRA", "init must be KaimingUniform or Gaussian (got enum value ",
+                   static_cast<int>(options.init), ")");
+    m_base.set_trainable(false);
+    m_scale_rank = options.rank;
+    m_A.name = "lora_A.weight";
+    m_B.name = "lora_B.weight";
+    m_A.value.resize(options.rank, in_features());
+    init_rows_of_A(m_A.value, rng);
+    m_B.value.setZero(out_features(), options.rank);
+    m_gates.setOnes(options.rank);
+    m_dropout_rng = rng.fork();
+    zero_grad();
+  }
+
+  // --- shapes and settings -------------------------------------------------------------------
+  Index in_features() const { return m_base.in_features(); }
+  Index out_features() const { return m_base.out_features(); }
+  /// Current number of ranks (rows of A, columns of B); may be 0 after remove_ranks().
+  Index rank() const { return m_A.value.rows(); }
+  /// The rank the scale is computed from: the rank at construction.
+  Index scale_rank() const { return m_scale_rank; }
+  double alpha() const { return m_options.alpha; }
+  const LoRAOptions& options() const { return m_options; }
+  /// s = alpha / r0, or alpha / sqrt(r0) with rsLoRA.
+  double scale() const {
+    return m_options.use_rslora ? m_options.alpha / std::sqrt(double(m_scale_rank))
+                                : m_options.alpha / double(m_scale_rank);
+  }
+
+  const Base& base() const { return m_base; }
+  const MatrixType& A() const { return m_A.value; }
+  const MatrixType& B() const { return m_B.value; }
+  Parameter<Scalar>& A_parameter() { return m_A; }
+  Parameter<Scalar>& B_parameter() { return m_B; }
+
+  void set_training(bool training) {
+    m_training = training;
+    m_base.set_training(training);
+    if (!training) m_cached_cols = -1;
+  }
+  bool is_training() const { return m_training; }
+
+  /// Disabled: the layer is exactly its base (forward and backward skip the adapter branch).
+  void set_enabled(bool enabled) {
+    if (m_merged && !enabled)
+      detail::fail<StateError>("rankwise::LoRA", "cannot disable a merged adapter; unmerge() first");
+    m_enabled = enabled;
+  }
+  bool is_enabled() const { return m_enabled; }
+
+  /// Names its parameters after the module path: "<path>.lora_A.weight", "<path>.base_layer.weight".
+  void set_path(const std::string& path) {
+    m_base.set_path(path.empty() ? std::string("base_layer") : path + ".base_layer");
+    m_A.name = path.empty() ? std::string("lora_A.weight") : path + ".lora_A.weight";
+    m_B.name = path.empty() ? std::string("lora_B.weight") : path + ".lora_B.weight";
+  }
+
+  /// The generator that draws dropout masks (for checkpoints, or to replay a mask).
+  Random& dropout_generator() { return m_dropout_rng; }
+
+  // --- the Layer contract ----------------------------------------------------------------------
+  /// y = W x + b + s B diag(g) A drop(x). In training mode caches what backward() needs.
+  void forward(const ConstRef<Scalar>& x, MatrixType& y) {
+    if (x.rows() != in_features())
+      detail::fail("rankwise::LoRA", "forward: input must have in_features = ", in_features(), " rows (got ",
+                   x.rows(), " x ", x.cols(), ")");
+    m_base.forward(x, y);
+    m_cached_cols = m_training ? x.cols() : -1;
+    if (!branch_active()) return;
+    const bool drop = m_training && m_options.dropout > 0.0;
+    if (drop) {
+      draw_mask(x.rows(), x.cols());
+      m_x.array() = x.array() * m_mask.array();
+    } else if (m_training) {
+      m_x = x;
+    }
+    if (drop || m_training)
+      m_u.noalias() = m_A.value * m_x;
+    else
+      m_u.noalias() = m_A.value * x;
+    if (!m_unit_gates) m_u.array().colwise() *= m_gates.array();
+    y.noalias() += Scalar(scale()) * (m_B.value * m_u);
+  }
+
+  /// Requires forward() in training mode on the same batch, and an unmerged adapter.
+  /// Accumulates dA, dB (base frozen); assigns dx.
+  void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
+    if (m_cached_cols < 0)
+      detail::fail<StateError>("rankwise::LoRA", "backward() needs a forward() in training mode first");
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "backward() on a merged adapter; unmerge() first");
+    if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
+      detail::fail("rankwise::LoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
+                   " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
+    m_base.backward(dy, dx);
+    if (!branch_active()) return;
+    const Scalar s = Scalar(scale());
+    m_B.grad.noalias() += s * (dy * m_u.transpose());
+    m_t.noalias() = s * (m_B.value.transpose() * dy);  // r x n: dL/d(gated U)
+    if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
+    m_A.grad.noalias() += m_t * m_x.transpose();
+    if (m_training && m_options.dropout > 0.0) {
+      m_dx_branch.noalias() = m_A.value.transpose() * m_t;
+      dx.array() += m_dx_branch.array() * m_mask.array();
+    } else {
+      dx.noalias() += m_A.value.transpose() * m_t;
+    }
+  }
+
+  /// The frozen base parameters (flagged non-trainable), then lora_A and lora_B.
+  std::vector<Parameter<Scalar>*> parameters() {
+    std::vector<Parameter<Scalar>*> params = m_base.parameters();
+    params.push_back(&m_A);
+    params.push_back(&m_B);
+    return params;
+  }
+
+  void zero_grad() {
+    m_base.zero_grad();
+    m_A.zero_grad();
+    m_B.zero_grad();
+  }
+
+  /// r (in + out): the adapter's own trainable scalars.
+  Index trainable_parameter_count() const { return m_A.value.size() + m_B.value.size(); }
+
+  // --- merge -----------------------------------------------------------------------------------
+  /// Delta W = s B diag(g) A (out x in). Forms the dense product: for merge and export only.
+  MatrixType delta_weight() const {
+    if (rank() == 0) return MatrixType::Zero(out_features(), in_features());
+    const MatrixType gated_A = m_gates.asDiagonal() * m_A.value;
+    return Scalar(scale()) * (m_B.value * gated_A);
+  }
+
+  /// W <- W + delta_weight(); the original W is kept so that unmerge() restores it bit for bit.
+  void merge() {
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "merge(): the adapter is already merged");
+    if (!m_enabled) detail::fail<StateError>("rankwise::LoRA", "merge(): the adapter is disabled");
+    MatrixType merged = m_base.weight() + delta_weight();
+    MatrixType original = m_base.weight();
+    m_base.assign_weight(merged);
+    m_original_weight.swap(original);
+    m_merged = true;
+  }
+
+  /// Restores the base weight exactly as it was before merge().
+  void unmerge() {
+    if (!m_merged) detail::fail<StateError>("rankwise::LoRA", "unmerge(): the adapter is not merged");
+    m_base.assign_weight(m_original_weight);
+    m_original_weight.resize(0, 0);
+    m_merged = false;
+  }
+  bool is_merged() const { return m_merged; }
+
+  // --- gates and rank surgery --------------------------------------------------------------------
+  /// Multiplier of rank i (1 by default; 0 ablates it without changing shapes).
+  double gate(Index i) const {
+    check_rank_index("gate", i);
+    return double(m_gates(i));
+  }
+  void set_gate(Index i, double value) {
+    check_rank_index("set_gate", i);
+    if (!std::isfinite(value)) detail::fail("rankwise::LoRA", "set_gate: value must be finite (got ", value, ")");
+    m_gates(i) = Scalar(value);
+    update_unit_gates();
+  }
+  void reset_gates() {
+    m_gates.setOnes(rank());
+    m_unit_gates = true;
+  }
+  const VectorType& gates() const { return m_gates; }
+
+  /// Removes the given rank indices (any order, no duplicates). A, B, their gradients and the gates
+  /// lose those rows/columns; the survivors keep their order and values. Returns what changed so an
+  /// optimizer can follow. Strong guarantee: on error nothing changes.
+  RankChange remove_ranks(std::span<const Index> indices) {
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "remove_ranks(): unmerge() first");
+    const Index r = rank();
+    std::vector<char> removed(static_cast<std::size_t>(r), 0);
+    for (Index i : indices) {
+      if (i < 0 || i >= r)
+        detail::fail("rankwise::LoRA", "remove_ranks: rank index must be in [0, ", r, ") (got ", i, ")");
+      if (removed[static_cast<std::size_t>(i)])
+        detail::fail("rankwise::LoRA", "remove_ranks: rank index ", i, " is listed twice");
+      removed[static_cast<std::size_t>(i)] = 1;
+    }
+    std::vector<Index> kept;
+    kept.reserve(static_cast<std::size_t>(r));
+    for (Index i = 0; i < r; ++i)
+      if (!removed[static_cast<std::size_t>(i)]) kept.push_back(i);
+    const Index k = Index(kept.size());
+    MatrixType A(k, in_features()), A_grad(k, in_features()), B(out_features(), k), B_grad(out_features(), k);
+    VectorType gates(k);
+    for (Index j = 0; j < k; ++j) {
+      const Index i = kept[static_cast<std::size_t>(j)];
+      A.row(j) = m_A.value.row(i);
+      A_grad.row(j) = m_A.grad.row(i);
+      B.col(j) = m_B.value.col(i);
+      B_grad.col(j) = m_B.grad.col(i);
+      gates(j) = m_gates(i);
+    }
+    m_A.value.swap(A);
+    m_A.grad.swap(A_grad);
+    m_B.value.swap(B);
+    m_B.grad.swap(B_grad);
+    m_gates.swap(gates);
+    update_unit_gates();
+    m_cached_cols = -1;  // cached activations no longer match the shapes
+    return make_change(r, std::move(kept), 0);
+  }
+
+  /// Appends k fresh ranks: new rows of A drawn like A's init, new columns of B zero, gates 1, so the
+  /// function is unchanged. The rank may not exceed min(in, out).
+  RankChange add_ranks(Index k, Random& rng) {
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "add_ranks(): unmerge() first");
+    const Index r = rank();
+    const Index limit = std::min(in_features(), out_features());
+    if (k < 0 || r + k > limit)
+      detail::fail("rankwise::LoRA", "add_ranks: rank + k must be in [rank, min(in, out)] = [", r, ", ", limit,
+                   "] (got rank ", r, " + k ", k, ")");
+    MatrixType A(r + k, in_features());
+    A.topRows(r) = m_A.value;
+    init_rows_of_A(A.bottomRows(k), rng);
+    MatrixType A_grad = MatrixType::Zero(r + k, in_features());
+    A_grad.topRows(r) = m_A.grad;
+    MatrixType B = MatrixType::Zero(out_features(), r + k);
+    B.leftCols(r) = m_B.value;
+    MatrixType B_grad = MatrixType::Zero(out_features(), r + k);
+    B_grad.leftCols(r) = m_B.grad;
+    VectorType gates = VectorType::Ones(r + k);
+    gates.head(r) = m_gates;
+    m_A.value.swap(A);
+    m_A.grad.swap(A_grad);
+    m_B.value.swap(B);
+    m_B.grad.swap(B_grad);
+    m_gates.swap(gates);
+    update_unit_gates();
+    m_cached_cols = -1;
+    std::vector<Index> kept(static_cast<std::size_t>(r));
+    for (Index i = 0; i < r; ++i) kept[static_cast<std::size_t>(i)] = i;
+    return make_change(r, std::move(kept), k);
+  }
+
+ private:
+  bool branch_active() const { return m_enabled && !m_merged && rank() > 0; }
+
+  template <typename Derived>
+  void init_rows_of_A(const Eigen::MatrixBase<Derived>& rows, Random& rng) const {
+    if (m_options.init == LoRAInit::Gaussian)
+      fill_normal(rows, 0.0, 1.0 / double(m_scale_rank), rng);
+    else
+      fill_kaiming_uniform(rows, in_features(), rng);
+  }
+
+  void draw_mask(Index rows, Index cols) {
+    const double p = m_options.dropout;
+    const Scalar keep = Scalar(1.0 / (1.0 - p));
+    m_mask.resize(rows, cols);
+    Scalar* data = m_mask.data();
+    for (Index i = 0; i < m_mask.size(); ++i) data[i] = m_dropout_rng.uniform() < p ? Scalar(0) : keep;
+  }
+
+  void update_unit_gates() { m_unit_gates = (m_gates.array() == Scalar(1)).all(); }
+
+  void check_rank_index(const char* what, Index i) const {
+    if (i < 0 || i >= rank())
+      detail::fail("rankwise::LoRA", what, ": rank index must be in [0, ", rank(), ") (got ", i, ")");
+  }
+
+  RankChange make_change(Index old_count, std::vector<Index> kept, Index added) const {
+    RankChange change;
+    change.changes.push_back(SliceChange{m_A.name, Axis::Rows, old_count, kept, added});
+    change.changes.push_back(SliceChange{m_B.name, Axis::Cols, old_count, std::move(kept), added});
+    return change;
+  }
+
+  Base m_base;
+  LoRAOptions m_options;
+  Index m_scale_rank = 0;
+  Parameter<Scalar> m_A;
+  Parameter<Scalar> m_B;
+  VectorType m_gates;
+  bool m_unit_gates = true;
+  bool m_enabled = true;
+  bool m_merged = false;
+  bool m_training = true;
+  Index m_cached_cols = -1;
+  Random m_dropout_rng;
+  MatrixType m_original_weight;  // base weight before merge()
+  // Buffers reused across steps, so a steady-state step does not allocate.
+  MatrixType m_x;          // input of the adapter branch (after dropout), in x n
+  MatrixType m_mask;       // dropout mask scaled by 1/(1-p), in x n
+  MatrixType m_u;          // diag(g) A x, r x n
+  MatrixType m_t;          // diag(g) s B^T dy, r x n
+  MatrixType m_dx_branch;  // A^T t before the mask, in x n
+};
+
+static_assert(Layer<LoRA<float>>, "LoRA must model the Layer contract");
+static_assert(RankAdjustable<LoRA<float>>, "LoRA must be rank-adjustable");
+static_assert(Mergeable<LoRA<float>>, "LoRA must be mergeable");
+
+}  // namespace rankwise

@@ -1,0 +1,53 @@
+#pragma once
+/// \file rankwise/core/parameter.hpp
+/// Parameter: a named tensor with its gradient and a trainable flag; and SliceChange, the record
+/// an adapter returns when rank surgery changes a parameter's shape, so that an optimizer can
+/// slice its state the same way.
+///
+/// Vectors (biases, scale vectors) are stored as `n x 1` matrices with `is_vector` set; files
+/// store them as 1-D tensors. `name` is the full key of the tensor inside its model, e.g.
+/// "layers.0.attn.q_proj.lora_A.weight"; optimizer state is keyed by it, never by address.
+/// Docs: docs/concepts/layer.md
+
+#include <rankwise/core/types.hpp>
+
+#include <string>
+#include <vector>
+
+namespace rankwise {
+
+template <FloatScalar Scalar_>
+struct Parameter {
+  using Scalar = Scalar_;
+
+  std::string name;
+  Matrix<Scalar> value;
+  Matrix<Scalar> grad;  ///< same shape as value; backward() accumulates into it
+  bool trainable = true;
+  bool is_vector = false;  ///< a 1-D tensor stored as a column
+
+  /// grad = 0 with value's shape (allocates only when the shape changed).
+  void zero_grad() { grad.setZero(value.rows(), value.cols()); }
+  Index size() const { return value.size(); }
+};
+
+/// Which axis of a parameter a rank change slices: A's rows, B's columns.
+enum class Axis { Rows, Cols };
+
+/// How one parameter changed shape along `axis`: the old slices in `kept` survive, in that order,
+/// then `added` fresh slices follow. Optimizers keep the state of kept slices and start added ones
+/// from zero.
+struct SliceChange {
+  std::string parameter;   ///< Parameter::name of the changed tensor
+  Axis axis = Axis::Rows;
+  Index old_count = 0;     ///< number of slices along axis before the change
+  std::vector<Index> kept; ///< old indices that survive, ascending
+  Index added = 0;         ///< fresh slices appended after the kept ones
+};
+
+/// Everything one surgery call changed (usually A's rows and B's columns together).
+struct RankChange {
+  std::vector<SliceChange> changes;
+};
+
+}  // namespace rankwise

@@ -1,0 +1,172 @@
+#pragma once
+/// \file rankwise/optim/adamw.hpp
+/// AdamW: Adam with decoupled weight decay (Kingma & Ba, 2015, arXiv:1412.6980; Loshchilov & Hutter,
+/// 2019, arXiv:1711.05101), as PyTorch's torch.optim.AdamW computes it.
+///
+///   m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
+///   p = p - lr wd p                (decoupled decay, before the Adam step)
+///   p = p - lr (m / c1) / (sqrt(v / c2) + eps),   c1 = 1 - b1^t, c2 = 1 - b2^t
+/// State (m, v and t) is keyed by parameter name. t is counted per slice: after rank surgery the kept
+/// slices keep their moments and their t, fresh slices start from m = v = 0 and t = 0, exactly as a
+/// fresh parameter would. Docs: docs/optim/adamw.md
+
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/parameter.hpp>
+#include <rankwise/core/types.hpp>
+#include <rankwise/optim/optimizer.hpp>
+
+#include <cmath>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace rankwise {
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;  ///< PyTorch's AdamW default; groups may override
+};
+
+template <FloatScalar Scalar_>
+class AdamW {
+ public:
+  using Scalar = Scalar_;
+
+  /// The moments of one parameter. `steps` holds t per slice along `axis` (rows unless the parameter
+  /// was resized along its columns).
+  struct State {
+    Matrix<Scalar> m;
+    Matrix<Scalar> v;
+    Axis axis = Axis::Rows;
+    Eigen::Array<double, Eigen::Dynamic, 1> steps;
+  };
+
+  AdamW(std::vector<Parameter<Scalar>*> parameters, const AdamWOptions& options)
+      : AdamW(std::vector<ParameterGroup<Scalar>>{ParameterGroup<Scalar>{std::move(parameters), {}, {}, "default"}},
+              options) {}
+
+  AdamW(std::vector<ParameterGroup<Scalar>> groups, const AdamWOptions& options) : m_options(options) {
+    if (!(options.beta1 >= 0.0 && options.beta1 < 1.0))
+      detail::fail("rankwise::AdamW", "beta1 must be in [0, 1) (got ", options.beta1, ")");
+    if (!(options.beta2 >= 0.0 && options.beta2 < 1.0))
+      detail::fail("rankwise::AdamW", "beta2 must be in [0, 1) (got ", options.beta2, ")");
+    if (!(options.eps > 0.0) || !std::isfinite(options.eps))
+      detail::fail("rankwise::AdamW", "eps must be a finite number > 0 (got ", options.eps, ")");
+    m_groups = detail::checked_groups("rankwise::AdamW", std::move(groups), options.lr, options.weight_decay);
+  }
+
+  /// One update of every trainable parameter from its gradient.
+  void step() {
+    ++m_step;
+    const Scalar b1 = Scalar(m_options.beta1), b2 = Scalar(m_options.beta2), eps = Scalar(m_options.eps);
+    for (ParameterGroup<Scalar>& group : m_groups) {
+      const double lr = *group.lr * m_lr_factor;
+      const Scalar decay = Scalar(1.0 - lr * *group.weight_decay);
+      for (Parameter<Scalar>* p : group.parameters) {
+        if (!p->trainable) continue;
+        State& s = state(*p);
+        s.m = b1 * s.m + (Scalar(1) - b1) * p->grad;
+        s.v = b2 * s.v + (Scalar(1) - b2) * p->grad.cwiseAbs2();
+        if (decay != Scalar(1)) p->value *= decay;
+        s.steps += 1.0;
+        if (s.steps.size() == 0) continue;  // a parameter with no slices (rank 0)
+        if ((s.steps == s.steps(0)).all()) {
+          const double t = s.steps(0);
+          const Scalar step_size = Scalar(lr / (1.0 - std::pow(m_options.beta1, t)));
+          const Scalar inv_sqrt_c2 = Scalar(1.0 / std::sqrt(1.0 - std::pow(m_options.beta2, t)));
+          p->value.array() -= step_size * s.m.array() / ((s.v.array().sqrt() * inv_sqrt_c2) + eps);
+        } else {
+          update_per_slice(*p, s, lr, eps);
+        }
+      }
+    }
+  }
+
+  void set_lr_factor(double factor) {
+    if (!(factor >= 0.0) || !std::isfinite(factor))
+      detail::fail("rankwise::AdamW", "lr factor must be a finite number >= 0 (got ", factor, ")");
+    m_lr_factor = factor;
+  }
+  double lr_factor() const { return m_lr_factor; }
+  long step_count() const { return m_step; }
+  const std::vector<ParameterGroup<Scalar>>& groups() const { return m_groups; }
+  const AdamWOptions& options() const { return m_options; }
+
+  /// Slices m, v and the step counts of the changed parameters as the surgery sliced them.
+  void follow(const RankChange& change) {
+    for (const SliceChange& c : change.changes) {
+      auto it = m_state.find(c.parameter);
+      if (it == m_state.end()) continue;
+      State& s = it->second;
+      if (s.axis != c.axis) {
+        if ((s.steps != s.steps(0)).any())
+          detail::fail<StateError>("rankwise::AdamW", "follow: '", c.parameter,
+                                   "' was resized along both axes; per-slice step counts cannot follow");
+        const double t = s.steps.size() ? s.steps(0) : double(m_step);
+        s.axis = c.axis;
+        s.steps.setConstant(c.axis == Axis::Rows ? s.m.rows() : s.m.cols(), t);
+      }
+      State next = s;
+      detail::slice_state(next.m, c, "rankwise::AdamW");
+      detail::slice_state(next.v, c, "rankwise::AdamW");
+      Eigen::Array<double, Eigen::Dynamic, 1> steps(Index(c.kept.size()) + c.added);
+      for (std::size_t j = 0; j < c.kept.size(); ++j) steps(Index(j)) = s.steps(c.kept[j]);
+      steps.tail(c.added).setZero();
+      next.steps.swap(steps);
+      s = std::move(next);
+    }
+  }
+
+  /// The state of a parameter, or nullptr before its first step.
+  const State* state_of(const std::string& name) const {
+    auto it = m_state.find(name);
+    return it == m_state.end() ? nullptr : &it->second;
+  }
+
+ private:
+  State& state(const Parameter<Scalar>& p) {
+    auto [it, inserted] = m_state.try_emplace(p.name);
+    State& s = it->second;
+    if (inserted) {
+      s.m.setZero(p.value.rows(), p.value.cols());
+      s.v.setZero(p.value.rows(), p.value.cols());
+      s.steps.setZero(p.value.rows());
+    }
+    if (s.m.rows() != p.value.rows() || s.m.cols() != p.value.cols())
+      detail::fail<StateError>("rankwise::AdamW", "the state of '", p.name, "' is ", s.m.rows(), " x ", s.m.cols(),
+                               " but the parameter is ", p.value.rows(), " x ", p.value.cols(),
+                               "; call follow() with the RankChange of the surgery");
+    if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
+      detail::fail<StateError>("rankwise::AdamW", "the gradient of '", p.name,
+                               "' does not match its value; call zero_grad()");
+    return s;
+  }
+
+  void update_per_slice(Parameter<Scalar>& p, const State& s, double lr, Scalar eps) {
+    for (Index k = 0; k < s.steps.size(); ++k) {
+      const double t = s.steps(k);
+      const Scalar step_size = Scalar(lr / (1.0 - std::pow(m_options.beta1, t)));
+      const Scalar inv_sqrt_c2 = Scalar(1.0 / std::sqrt(1.0 - std::pow(m_options.beta2, t)));
+      if (s.axis == Axis::Rows)
+        p.value.row(k).array() -=
+            step_size * s.m.row(k).array() / ((s.v.row(k).array().sqrt() * inv_sqrt_c2) + eps);
+      else
+        p.value.col(k).array() -=
+            step_size * s.m.col(k).array() / ((s.v.col(k).array().sqrt() * inv_sqrt_c2) + eps);
+    }
+  }
+
+  AdamWOptions m_options;
+  std::vector<ParameterGroup<Scalar>> m_groups;
+  std::unordered_map<std::string, State> m_state;
+  double m_lr_factor = 1.0;
+  long m_step = 0;
+};
+
+static_assert(Optimizer<AdamW<float>>, "AdamW must model the Optimizer contract");
+
+}  // namespace rankwise

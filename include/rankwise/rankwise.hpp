@@ -1,0 +1,26 @@
+#pragma once
+/// \file rankwise/rankwise.hpp
+/// Everything public in rankwise, for applications and examples. Library headers never include it.
+
+#include <rankwise/version.hpp>
+
+#include <rankwise/core/config.hpp>
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/init.hpp>
+#include <rankwise/core/layer.hpp>
+#include <rankwise/core/parameter.hpp>
+#include <rankwise/core/random.hpp>
+#include <rankwise/core/types.hpp>
+
+#include <rankwise/layers/linear.hpp>
+
+#include <rankwise/adapters/lora.hpp>
+
+#include <rankwise/optim/adamw.hpp>
+#include <rankwise/optim/grad_clip.hpp>
+#include <rankwise/optim/loraplus.hpp>
+#include <rankwise/optim/lr_schedule.hpp>
+#include <rankwise/optim/optimizer.hpp>
+#include <rankwise/optim/sgd.hpp>
+
+#include <rankwise/testing/gradient_check.hpp>

@@ -1,0 +1,82 @@
+// A steady-state training step of a layer performs no heap allocation: every buffer is reused.
+// Sizes are kept below Eigen's stack-allocation limit (128 KiB) for GEMM packing buffers, so any
+// allocation counted here is rankwise's own. (Larger products make Eigen allocate its packing
+// buffers; benchmarks/lora_layer reports those.)
+#include <rankwise/adapters/lora.hpp>
+#include <rankwise/layers/linear.hpp>
+#include <rankwise/optim/adamw.hpp>
+#include <rankwise/optim/grad_clip.hpp>
+#include <rankwise/optim/sgd.hpp>
+
+#include "alloc/counting_malloc.hpp"
+#include "support/matchers.hpp"
+
+#include <catch2/catch.hpp>
+
+using rankwise::Matrix;
+using rankwise::Random;
+using rankwise::test_support::random_matrix;
+
+namespace {
+template <typename LayerType, typename Opt>
+rankwise::test_support::AllocationCount count_steady_state(LayerType& layer, Opt& opt, Random& rng) {
+  const Matrix<float> x = random_matrix<float>(layer.in_features(), 32, rng);
+  const Matrix<float> dy = random_matrix<float>(layer.out_features(), 32, rng);
+  Matrix<float> y, dx;
+  const auto params = layer.parameters();
+  const auto step = [&] {
+    layer.zero_grad();
+    layer.forward(x, y);
+    layer.backward(dy, dx);
+    rankwise::clip_grad_norm(params, 1.0);
+    opt.step();
+  };
+  step();  // the first step sizes the buffers and the optimizer state
+  step();
+  rankwise::test_support::start_counting_allocations();
+  for (int i = 0; i < 5; ++i) step();
+  return rankwise::test_support::stop_counting_allocations();
+}
+}  // namespace
+
+TEST_CASE("allocation counter: sees allocations", "[alloc]") {
+  rankwise::test_support::start_counting_allocations();
+  Matrix<float>* m = new Matrix<float>(100, 100);
+  delete m;
+  const auto count = rankwise::test_support::stop_counting_allocations();
+  CHECK(count.calls >= 2);
+  CHECK(count.bytes >= 100 * 100 * sizeof(float));
+}
+
+TEST_CASE("LoRA + AdamW: a steady-state training step does not allocate", "[alloc][adapters][lora]") {
+  Random rng(1);
+  for (double dropout : {0.0, 0.1}) {
+    rankwise::LoRA<float> lora(rankwise::Linear<float>(64, 48, rng), {.rank = 8, .dropout = dropout}, rng);
+    lora.set_gate(2, 0.5);
+    rankwise::AdamW<float> opt(lora.parameters(), {});
+    const auto count = count_steady_state(lora, opt, rng);
+    INFO("dropout " << dropout << ": " << count.calls << " allocations, " << count.bytes << " bytes");
+    CHECK(count.calls == 0);
+  }
+}
+
+TEST_CASE("Linear + SGD: a steady-state training step does not allocate", "[alloc][layers][linear]") {
+  Random rng(2);
+  rankwise::Linear<float> layer(64, 48, rng);
+  rankwise::SGD<float> opt(layer.parameters(), {.lr = 0.1, .momentum = 0.9});
+  const auto count = count_steady_state(layer, opt, rng);
+  INFO(count.calls << " allocations, " << count.bytes << " bytes");
+  CHECK(count.calls == 0);
+}
+
+TEST_CASE("LoRA after surgery: steady state again after one warm-up step", "[alloc][adapters][lora]") {
+  Random rng(3);
+  rankwise::LoRA<float> lora(rankwise::Linear<float>(64, 64, rng), {.rank = 8}, rng);
+  rankwise::AdamW<float> opt(lora.parameters(), {});
+  count_steady_state(lora, opt, rng);
+  const std::vector<rankwise::Index> gone = {1, 3};
+  opt.follow(lora.remove_ranks(gone));
+  opt.follow(lora.add_ranks(2, rng));
+  const auto count = count_steady_state(lora, opt, rng);
+  CHECK(count.calls == 0);
+}
