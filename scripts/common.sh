@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Shared by scripts/demo.sh and scripts/test.sh: install what the build needs, then configure.
+# On a fresh Debian 12 machine with g++, cmake and git, this is all the set-up there is.
+set -euo pipefail
+
+RANKWISE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export RANKWISE_ROOT
+
+# Debian packages the project builds with (docs/getting-started.md says what each is for).
+RANKWISE_PACKAGES=(libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libcli11-dev ccache)
+
+rankwise_install_packages() {
+  local missing=()
+  for pkg in "${RANKWISE_PACKAGES[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    return 0
+  fi
+  echo "== installing Debian packages: ${missing[*]}"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo="sudo"
+    else
+      echo "error: packages missing (${missing[*]}) and not running as root; install them and re-run" >&2
+      exit 1
+    fi
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# rankwise_configure BUILD_DIR [cmake args...]
+rankwise_configure() {
+  local dir="$1"
+  shift
+  local launcher=()
+  if command -v ccache >/dev/null 2>&1; then
+    launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  fi
+  cmake -S "$RANKWISE_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" "$@" >/dev/null
+}
+
+rankwise_jobs() {
+  nproc 2>/dev/null || echo 2
+}
