@@ -133,6 +133,34 @@ class LoRA {
   /// The generator that draws dropout masks (for checkpoints, or to replay a mask).
   Random& dropout_generator() { return m_dropout_rng; }
 
+  /// Replaces A (r x in) and B (out x r), as loaders do; the rank becomes r (0 allowed). Gates reset
+  /// to 1 and gradients to 0; the scale is unchanged. Strong guarantee: on error nothing changes.
+  void assign_factors(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B) {
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "assign_factors(): unmerge() first");
+    if (A.cols() != in_features() || B.rows() != out_features() || A.rows() != B.cols())
+      detail::fail("rankwise::LoRA", "assign_factors: need A r x ", in_features(), " and B ", out_features(),
+                   " x r (got A ", A.rows(), " x ", A.cols(), ", B ", B.rows(), " x ", B.cols(), ")");
+    MatrixType a = A, b = B;
+    m_A.value.swap(a);
+    m_B.value.swap(b);
+    m_A.zero_grad();
+    m_B.zero_grad();
+    reset_gates();
+    m_cached_cols = -1;
+  }
+
+  /// Sets how the scale is computed: s = alpha / r0, or alpha / sqrt(r0) with rsLoRA (loaders use it
+  /// to reproduce a file's scale exactly). Requires alpha finite and > 0, r0 >= 1.
+  void set_scaling(double alpha, Index scale_rank, bool use_rslora) {
+    if (!(alpha > 0.0) || !std::isfinite(alpha))
+      detail::fail("rankwise::LoRA", "set_scaling: alpha must be a finite number > 0 (got ", alpha, ")");
+    if (scale_rank < 1) detail::fail("rankwise::LoRA", "set_scaling: scale rank must be >= 1 (got ", scale_rank, ")");
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "set_scaling(): unmerge() first");
+    m_options.alpha = alpha;
+    m_options.use_rslora = use_rslora;
+    m_scale_rank = scale_rank;
+  }
+
   // --- the Layer contract ----------------------------------------------------------------------
   /// y = W x + b + s B diag(g) A drop(x). In training mode caches what backward() needs.
   void forward(const ConstRef<Scalar>& x, MatrixType& y) {

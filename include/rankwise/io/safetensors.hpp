@@ -21,6 +21,7 @@
 #include <rankwise/io/detail/file.hpp>
 #include <rankwise/io/detail/half.hpp>
 #include <rankwise/io/detail/safetensors_header.hpp>
+#include <rankwise/io/detail/transpose.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -212,11 +213,10 @@ class SafetensorsReader {
     // Row-major file, column-major matrix: convert a block of rows, then scatter its columns.
     const Index block = detail::transpose_block_rows(rows, cols, sizeof(Scalar));
     std::vector<Scalar> buffer(std::size_t(block * cols));
-    using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     for (Index r0 = 0; r0 < rows; r0 += block) {
       const Index k = std::min(block, rows - r0);
       read_elements(t, buffer.data(), std::size_t(r0 * cols), std::size_t(k * cols));
-      out.middleRows(r0, k) = Eigen::Map<const RowMajor>(buffer.data(), k, cols);
+      detail::transpose_copy(buffer.data(), k, cols, cols, out.data() + r0, rows);
     }
   }
 
@@ -556,13 +556,12 @@ class SafetensorsWriter {
     if (e.rows > 1 && e.cols > 1) {
       // Column-major matrix, row-major file: gather a block of rows, then encode it.
       const Index block = detail::transpose_block_rows(e.rows, e.cols, sizeof(Scalar));
-      using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-      RowMajor rows(block, e.cols);
-      const Eigen::Map<const Matrix<Scalar>> m(data, e.rows, e.cols);
+      std::vector<Scalar> rows(std::size_t(block * e.cols));
       buffer.resize(std::size_t(block * e.cols) * size);
       for (Index r0 = 0; r0 < e.rows; r0 += block) {
         const Index k = std::min(block, e.rows - r0);
-        rows.topRows(k) = m.middleRows(r0, k);
+        // Rows r0..r0+k of the column-major matrix are columns of its row-major view (cols x rows).
+        detail::transpose_copy(data + r0, e.cols, k, e.rows, rows.data(), e.cols);
         detail::encode_floats(e.dtype, rows.data(), buffer.data(), std::size_t(k * e.cols));
         sink.write(buffer.data(), std::size_t(k * e.cols) * size);
       }
