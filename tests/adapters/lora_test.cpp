@@ -409,6 +409,11 @@ TEST_CASE("LoRA: assign_factors and set_scaling restore a saved state exactly", 
   target.forward(x, y_target);
   CHECK(y_target == y_source);  // bit for bit
 
+  target.set_scale(0.1 + 0.2);  // any double, not only alpha / r0
+  CHECK(target.scale() == 0.1 + 0.2);
+  target.set_scaling(2.0, 4, false);  // back to the formula
+  CHECK(target.scale() == 0.5);
+
   target.assign_factors(Matrix<float>(0, 6), Matrix<float>(5, 0));  // rank 0 is a valid state
   CHECK(target.rank() == 0);
 }
@@ -422,9 +427,11 @@ TEST_CASE("LoRA: assign_factors and set_scaling reject bad input", "[adapters][l
   CHECK(lora.rank() == 2);
   CHECK_THROWS_WITH(lora.set_scaling(0.0, 2, false), Catch::Contains("alpha must be a finite number > 0 (got 0)"));
   CHECK_THROWS_WITH(lora.set_scaling(1.0, 0, false), Catch::Contains("scale rank must be >= 1 (got 0)"));
+  CHECK_THROWS_WITH(lora.set_scale(-1.0), Catch::Contains("scale must be a finite number > 0 (got -1)"));
   lora.merge();
   CHECK_THROWS_AS(lora.assign_factors(Matrix<float>(1, 4), Matrix<float>(3, 1)), rankwise::StateError);
   CHECK_THROWS_AS(lora.set_scaling(1.0, 1, false), rankwise::StateError);
+  CHECK_THROWS_AS(lora.set_scale(1.0), rankwise::StateError);
 }
 
 static_assert(rankwise::Layer<LoRA<double>>);

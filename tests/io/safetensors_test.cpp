@@ -2,6 +2,7 @@
 #include <rankwise/io/safetensors.hpp>
 
 #include "support/matchers.hpp"
+#include "support/temp_dir.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -11,12 +12,10 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
 
-#include <unistd.h>
 
 using rankwise::DType;
 using rankwise::FormatError;
@@ -26,6 +25,8 @@ using rankwise::Random;
 using rankwise::SafetensorsReader;
 using rankwise::SafetensorsWriter;
 using rankwise::test_support::random_matrix;
+using rankwise::test_support::read_bytes;
+using rankwise::test_support::TempDir;
 using Catch::Contains;
 
 namespace fs = std::filesystem;
@@ -34,10 +35,6 @@ namespace {
 
 const fs::path data_dir = RANKWISE_TEST_DATA_DIR;
 
-std::vector<unsigned char> read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 
 // A file made by hand: the length prefix (by default the header's size), the header, the data.
@@ -55,19 +52,6 @@ SafetensorsReader open_bytes(const std::vector<unsigned char>& bytes) {
   return SafetensorsReader::from_bytes(bytes, "crafted.safetensors");
 }
 
-// A fresh directory under the system's temporary directory, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("rankwise_test_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-};
 
 template <typename Scalar>
 bool same_bits(const Matrix<Scalar>& a, const Matrix<Scalar>& b) {
@@ -473,7 +457,7 @@ TEST_CASE("SafetensorsWriter: a write that fails halfway leaves the previous fil
     REQUIRE_THROWS_WITH(second.write(path), Contains("injected failure") && Contains("weights.safetensors"));
   }
   CHECK(read_bytes(path) == before);
-  CHECK(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()) == 1);  // no temporary left
+  CHECK(rankwise::test_support::count_entries(dir.path) == 1);  // no temporary left
   second.write(path);  // without the failure the new file replaces the old one
   CHECK(SafetensorsReader(path).size() == 2);
 }

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -98,6 +99,7 @@ class LoRA {
   const LoRAOptions& options() const { return m_options; }
   /// s = alpha / r0, or alpha / sqrt(r0) with rsLoRA.
   double scale() const {
+    if (m_exact_scale) return *m_exact_scale;
     return m_options.use_rslora ? m_options.alpha / std::sqrt(double(m_scale_rank))
                                 : m_options.alpha / double(m_scale_rank);
   }
@@ -159,6 +161,17 @@ class LoRA {
     m_options.alpha = alpha;
     m_options.use_rslora = use_rslora;
     m_scale_rank = scale_rank;
+    m_exact_scale.reset();
+  }
+
+  /// Sets s itself, for loaders that must give back a saved scale to the last bit (alpha / r0 cannot
+  /// express every double). alpha() and scale_rank() keep describing how s was chosen; set_scaling()
+  /// returns to the formula. Requires s finite and > 0.
+  void set_scale(double scale) {
+    if (!(scale > 0.0) || !std::isfinite(scale))
+      detail::fail("rankwise::LoRA", "set_scale: scale must be a finite number > 0 (got ", scale, ")");
+    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "set_scale(): unmerge() first");
+    m_exact_scale = scale;
   }
 
   // --- the Layer contract ----------------------------------------------------------------------
@@ -379,6 +392,7 @@ class LoRA {
   Base m_base;
   LoRAOptions m_options;
   Index m_scale_rank = 0;
+  std::optional<double> m_exact_scale;  // set_scale(): overrides alpha / r0
   Parameter<Scalar> m_A;
   Parameter<Scalar> m_B;
   VectorType m_gates;
