@@ -134,6 +134,7 @@ class LoRA {
 
   /// The generator that draws dropout masks (for checkpoints, or to replay a mask).
   Random& dropout_generator() { return m_dropout_rng; }
+  const Random& dropout_generator() const { return m_dropout_rng; }
 
   /// Replaces A (r x in) and B (out x r), as loaders do; the rank becomes r (0 allowed). Gates reset
   /// to 1 and gradients to 0; the scale is unchanged. Strong guarantee: on error nothing changes.

@@ -1,0 +1,461 @@
+#pragma once
+/// \file rankwise/io/state.hpp
+/// StateWriter / StateReader: how anything saves itself into a checkpoint (or a rankwise adapter
+/// directory) as named tensors plus a JSON object, and restores itself from them.
+///
+///   save_state(StateWriter& out, const T& x)   tensors under out's prefix, settings in out.json()
+///   load_state(const StateReader& in, T& x)    the reverse; a mismatch throws FormatError
+/// These free functions, found by argument-dependent lookup, are the extension point: a type that
+/// provides both (in its own namespace) can be checkpointed (concept Checkpointable). This header
+/// provides them for Random, parameter lists, LoRA, NamedAdapter lists, AdamW and SGD. Tensors are
+/// stored in their own precision (F32 for float, F64 for double), so restoring is bit-exact.
+/// Docs: docs/io/checkpoints.md
+
+#include <rankwise/adapters/lora.hpp>
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/parameter.hpp>
+#include <rankwise/core/random.hpp>
+#include <rankwise/core/types.hpp>
+#include <rankwise/io/named_adapter.hpp>
+#include <rankwise/io/safetensors.hpp>
+#include <rankwise/optim/adamw.hpp>
+#include <rankwise/optim/sgd.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace rankwise {
+
+/// Where a component writes: tensors named "<prefix><key>" and its own JSON object.
+class StateWriter {
+ public:
+  StateWriter(SafetensorsWriter& tensors, nlohmann::json& json, std::string prefix)
+      : m_tensors(&tensors), m_json(&json), m_prefix(std::move(prefix)) {
+    if (m_json->is_null()) *m_json = nlohmann::json::object();
+  }
+
+  /// A 2-D tensor; an lvalue is referenced and must live until the checkpoint is written.
+  template <FloatScalar Scalar>
+  void matrix(std::string_view key, const Matrix<Scalar>& m) {
+    m_tensors->add(name(key), m, native_dtype<Scalar>());
+  }
+  template <FloatScalar Scalar>
+  void matrix(std::string_view key, Matrix<Scalar>&& m) {
+    m_tensors->add(name(key), std::move(m), native_dtype<Scalar>());
+  }
+  /// A 1-D tensor from a column.
+  template <FloatScalar Scalar>
+  void vector(std::string_view key, const Matrix<Scalar>& v) {
+    m_tensors->add_vector(name(key), v, native_dtype<Scalar>());
+  }
+  template <FloatScalar Scalar>
+  void vector(std::string_view key, Matrix<Scalar>&& v) {
+    m_tensors->add_vector(name(key), std::move(v), native_dtype<Scalar>());
+  }
+  template <FloatScalar Scalar>
+  void vector(std::string_view key, const Vector<Scalar>& v) {
+    m_tensors->add_vector(name(key), v, native_dtype<Scalar>());
+  }
+
+  /// The component's settings (numbers must be finite: JSON has no NaN or infinity).
+  nlohmann::json& json() { return *m_json; }
+
+  /// A nested component: tensors under "<prefix><key>/", settings in json()[key].
+  StateWriter child(std::string_view key) {
+    return StateWriter(*m_tensors, (*m_json)[std::string(key)], name(key) + "/");
+  }
+
+  const std::string& prefix() const { return m_prefix; }
+
+ private:
+  std::string name(std::string_view key) const { return m_prefix + std::string(key); }
+
+  SafetensorsWriter* m_tensors;
+  nlohmann::json* m_json;
+  std::string m_prefix;
+};
+
+/// Where a component reads from; every accessor throws FormatError naming the file, the component
+/// and what was expected.
+class StateReader {
+ public:
+  StateReader(const SafetensorsReader& tensors, const nlohmann::json& json, std::string prefix, std::string label)
+      : m_tensors(&tensors), m_json(&json), m_prefix(std::move(prefix)), m_label(std::move(label)) {
+    if (!m_json->is_object()) fail("its settings must be a JSON object");
+  }
+
+  bool has_tensor(std::string_view key) const { return m_tensors->contains(name(key)); }
+
+  /// A tensor of rank <= 2 as a matrix (1-D: a column).
+  template <FloatScalar Scalar>
+  Matrix<Scalar> matrix(std::string_view key) const {
+    if (!has_tensor(key)) fail("tensor '", name(key), "' is missing");
+    return m_tensors->template matrix<Scalar>(name(key));
+  }
+
+  /// A tensor that must have the given shape (rows x cols; a 1-D tensor of n is n x 1).
+  template <FloatScalar Scalar>
+  Matrix<Scalar> matrix(std::string_view key, Index rows, Index cols) const {
+    Matrix<Scalar> m = matrix<Scalar>(key);
+    if (m.rows() != rows || m.cols() != cols)
+      fail("tensor '", name(key), "' must be ", rows, " x ", cols, " (got ", m.rows(), " x ", m.cols(), ")");
+    return m;
+  }
+
+  const nlohmann::json& json() const { return *m_json; }
+  bool has(std::string_view key) const { return m_json->contains(std::string(key)); }
+
+  StateReader child(std::string_view key) const {
+    auto it = m_json->find(std::string(key));
+    if (it == m_json->end()) fail("it has no entry '", key, "'");
+    return StateReader(*m_tensors, *it, name(key) + "/", m_label);
+  }
+
+  // Typed settings: a missing key or a value of another type throws FormatError.
+  double number(std::string_view key) const {
+    const nlohmann::json& v = value(key);
+    if (!v.is_number()) fail("'", key, "' must be a number");
+    return v.get<double>();
+  }
+  std::int64_t integer(std::string_view key) const {
+    const nlohmann::json& v = value(key);
+    if (!v.is_number_integer()) fail("'", key, "' must be an integer");
+    return v.get<std::int64_t>();
+  }
+  std::uint64_t unsigned_integer(std::string_view key) const {
+    const nlohmann::json& v = value(key);
+    if (!v.is_number_unsigned()) fail("'", key, "' must be a non-negative integer");
+    return v.get<std::uint64_t>();
+  }
+  bool boolean(std::string_view key) const {
+    const nlohmann::json& v = value(key);
+    if (!v.is_boolean()) fail("'", key, "' must be true or false");
+    return v.get<bool>();
+  }
+  std::string string(std::string_view key) const {
+    const nlohmann::json& v = value(key);
+    if (!v.is_string()) fail("'", key, "' must be a string");
+    return v.get<std::string>();
+  }
+
+  /// Throws FormatError("[rankwise::load_state] '<file>': component '<prefix>': ...").
+  template <typename... Parts>
+  [[noreturn]] void fail(Parts&&... parts) const {
+    detail::fail<FormatError>("rankwise::load_state", "'", m_label, "': component '",
+                              m_prefix.empty() ? std::string("<root>") : m_prefix.substr(0, m_prefix.size() - 1),
+                              "': ", std::forward<Parts>(parts)...);
+  }
+
+  const std::string& prefix() const { return m_prefix; }
+  const std::string& label() const { return m_label; }
+
+ private:
+  std::string name(std::string_view key) const { return m_prefix + std::string(key); }
+  const nlohmann::json& value(std::string_view key) const {
+    auto it = m_json->find(std::string(key));
+    if (it == m_json->end()) fail("'", key, "' is missing");
+    return *it;
+  }
+
+  const SafetensorsReader* m_tensors;
+  const nlohmann::json* m_json;
+  std::string m_prefix;
+  std::string m_label;
+};
+
+/// Types that save and restore themselves through save_state / load_state.
+template <typename T>
+concept Checkpointable = requires(StateWriter& out, const StateReader& in, const T& saved, T& restored) {
+  save_state(out, saved);
+  load_state(in, restored);
+};
+
+// --- Random ------------------------------------------------------------------------------------
+
+inline void save_state(StateWriter& out, const Random& rng) {
+  const Random::Snapshot s = rng.snapshot();
+  out.json()["state"] = s.state;
+  out.json()["has_spare"] = s.has_spare;
+  out.json()["spare"] = s.spare;
+}
+
+inline void load_state(const StateReader& in, Random& rng) {
+  Random::Snapshot s;
+  const nlohmann::json& words = in.json().contains("state") ? in.json()["state"] : nlohmann::json();
+  if (!words.is_array() || words.size() != 4) in.fail("'state' must be a list of four 64-bit integers");
+  for (std::size_t i = 0; i < 4; ++i) {
+    if (!words[i].is_number_unsigned()) in.fail("'state' must be a list of four 64-bit integers");
+    s.state[i] = words[i].get<std::uint64_t>();
+  }
+  if (s.state == Random::State{}) in.fail("'state' must not be all zero (xoshiro256** never reaches it)");
+  s.has_spare = in.boolean("has_spare");
+  s.spare = in.number("spare");
+  rng.restore(s);
+}
+
+// --- parameters by name ------------------------------------------------------------------------
+
+/// Values of parameters, keyed by Parameter::name (vectors as 1-D tensors). Gradients are not saved.
+template <FloatScalar Scalar>
+void save_state(StateWriter& out, const std::vector<Parameter<Scalar>*>& params) {
+  nlohmann::json names = nlohmann::json::array();
+  for (const Parameter<Scalar>* p : params) {
+    if (p == nullptr) detail::fail("rankwise::save_state", "a parameter list holds a null pointer");
+    if (p->is_vector)
+      out.vector(p->name, p->value);
+    else
+      out.matrix(p->name, p->value);
+    names.push_back(p->name);
+  }
+  out.json()["names"] = names;
+}
+
+/// Restores every parameter by name; all names and shapes are checked before any value changes.
+template <FloatScalar Scalar>
+void load_state(const StateReader& in, const std::vector<Parameter<Scalar>*>& params) {
+  std::vector<std::string> problems;
+  std::vector<Matrix<Scalar>> values(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const Parameter<Scalar>& p = *params[i];
+    if (!in.has_tensor(p.name)) {
+      problems.push_back("'" + p.name + "' is not in the checkpoint");
+      continue;
+    }
+    values[i] = in.template matrix<Scalar>(p.name);
+    if (values[i].rows() != p.value.rows() || values[i].cols() != p.value.cols()) {
+      std::ostringstream os;
+      os << "'" << p.name << "' is " << values[i].rows() << " x " << values[i].cols() << " in the checkpoint but "
+         << p.value.rows() << " x " << p.value.cols() << " in the model";
+      problems.push_back(os.str());
+    }
+  }
+  if (!problems.empty()) {
+    std::ostringstream os;
+    os << problems.size() << " parameter(s) do not match:";
+    for (const std::string& p : problems) os << "\n  - " << p;
+    in.fail(os.str());
+  }
+  for (std::size_t i = 0; i < params.size(); ++i) params[i]->value.swap(values[i]);
+}
+
+// --- LoRA --------------------------------------------------------------------------------------
+
+/// The adapter's own state (not its base): A, B, gates, scaling, enabled flag, dropout generator.
+template <FloatScalar Scalar, typename Base>
+void save_state(StateWriter& out, const LoRA<Scalar, Base>& lora) {
+  if (lora.is_merged()) detail::fail<StateError>("rankwise::save_state", "a merged LoRA cannot be saved; unmerge() first");
+  out.matrix("lora_A", lora.A());
+  out.matrix("lora_B", lora.B());
+  out.vector("gates", lora.gates());
+  nlohmann::json& j = out.json();
+  j["kind"] = "lora";
+  j["in_features"] = lora.in_features();
+  j["out_features"] = lora.out_features();
+  j["rank"] = lora.rank();
+  j["alpha"] = lora.alpha();
+  j["scale_rank"] = lora.scale_rank();
+  j["use_rslora"] = lora.options().use_rslora;
+  j["scale"] = lora.scale();
+  j["dropout"] = lora.options().dropout;
+  j["init"] = to_string(lora.options().init);
+  j["enabled"] = lora.is_enabled();
+  StateWriter rng = out.child("dropout_generator");
+  save_state(rng, lora.dropout_generator());
+}
+
+template <FloatScalar Scalar, typename Base>
+void load_state(const StateReader& in, LoRA<Scalar, Base>& lora) {
+  if (in.string("kind") != "lora") in.fail("holds a '", in.string("kind"), "' adapter, not a LoRA");
+  if (lora.is_merged()) detail::fail<StateError>("rankwise::load_state", "a merged LoRA cannot be restored; unmerge() first");
+  if (in.integer("in_features") != lora.in_features() || in.integer("out_features") != lora.out_features())
+    in.fail("is a ", in.integer("out_features"), " x ", in.integer("in_features"), " adapter but the model's is ",
+            lora.out_features(), " x ", lora.in_features());
+  if (in.number("dropout") != lora.options().dropout || in.string("init") != to_string(lora.options().init))
+    in.fail("was saved with dropout ", in.number("dropout"), " and init ", in.string("init"), " but the model's LoRA has ",
+            lora.options().dropout, " and ", to_string(lora.options().init), "; build the model with the same options");
+  const Index rank = Index(in.integer("rank"));
+  if (rank < 0) in.fail("'rank' must be >= 0");
+  const Matrix<Scalar> A = in.template matrix<Scalar>("lora_A", rank, lora.in_features());
+  const Matrix<Scalar> B = in.template matrix<Scalar>("lora_B", lora.out_features(), rank);
+  const Matrix<Scalar> gates = in.template matrix<Scalar>("gates", rank, 1);
+  if (!gates.allFinite()) in.fail("'gates' must be finite");
+  const double alpha = in.number("alpha"), scale = in.number("scale");
+  const std::int64_t scale_rank = in.integer("scale_rank");
+  if (!(alpha > 0.0) || scale_rank < 1 || !(scale > 0.0)) in.fail("'alpha', 'scale' and 'scale_rank' must be > 0");
+  Random dropout_rng;
+  load_state(in.child("dropout_generator"), dropout_rng);
+  const bool enabled = in.boolean("enabled");
+  const bool rslora = in.boolean("use_rslora");
+  // Everything is read and checked: now change the adapter.
+  lora.assign_factors(A, B);
+  lora.set_scaling(alpha, Index(scale_rank), rslora);
+  if (lora.scale() != scale) lora.set_scale(scale);
+  for (Index i = 0; i < rank; ++i)
+    if (gates(i) != Scalar(1)) lora.set_gate(i, double(gates(i)));
+  lora.set_enabled(enabled);
+  lora.dropout_generator() = dropout_rng;
+}
+
+// --- a model's adapters ------------------------------------------------------------------------
+
+/// Each adapter under its module path; the list of paths is kept to report missing or extra modules.
+template <typename AdapterType>
+void save_state(StateWriter& out, const std::vector<NamedAdapter<AdapterType>>& modules) {
+  detail::check_named_adapters("rankwise::save_state", modules);
+  nlohmann::json paths = nlohmann::json::array();
+  for (const NamedAdapter<AdapterType>& m : modules) {
+    StateWriter child = out.child(m.path);
+    save_state(child, *m.adapter);
+    paths.push_back(m.path);
+  }
+  out.json()["paths"] = paths;
+}
+
+/// Restores each adapter; the module paths must be exactly those saved (all mismatches reported).
+template <typename AdapterType>
+void load_state(const StateReader& in, const std::vector<NamedAdapter<AdapterType>>& modules) {
+  detail::check_named_adapters("rankwise::load_state", modules);
+  const nlohmann::json& saved = in.json().contains("paths") ? in.json()["paths"] : nlohmann::json();
+  if (!saved.is_array()) in.fail("'paths' must be a list of module paths");
+  std::set<std::string> in_file, in_model;
+  for (const nlohmann::json& p : saved) {
+    if (!p.is_string()) in.fail("'paths' must be a list of module paths");
+    in_file.insert(p.get<std::string>());
+  }
+  std::vector<std::string> problems;
+  for (const NamedAdapter<AdapterType>& m : modules) {
+    in_model.insert(m.path);
+    if (!in_file.count(m.path)) problems.push_back("module '" + m.path + "' is not in the checkpoint");
+  }
+  for (const std::string& p : in_file)
+    if (!in_model.count(p)) problems.push_back("module '" + p + "' is in the checkpoint but not in the model");
+  if (!problems.empty()) {
+    std::ostringstream os;
+    os << "the modules do not match the model (" << problems.size() << "):";
+    for (const std::string& p : problems) os << "\n  - " << p;
+    in.fail(os.str());
+  }
+  for (const NamedAdapter<AdapterType>& m : modules) load_state(in.child(m.path), *m.adapter);
+}
+
+// --- optimizers --------------------------------------------------------------------------------
+
+namespace detail {
+template <FloatScalar Scalar>
+nlohmann::json group_settings(const std::vector<ParameterGroup<Scalar>>& groups) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const ParameterGroup<Scalar>& g : groups) out.push_back({{"name", g.name}, {"lr", *g.lr}, {"weight_decay", *g.weight_decay}});
+  return out;
+}
+
+template <typename Map>
+std::vector<std::string> sorted_keys(const Map& map) {
+  std::vector<std::string> keys;
+  for (const auto& entry : map) keys.push_back(entry.first);
+  std::sort(keys.begin(), keys.end());
+  return keys;
+}
+}  // namespace detail
+
+/// m, v and per-slice step counts of every parameter, the step count and the lr factor. The
+/// options and groups are recorded for reference; the optimizer's own are kept on restore.
+template <FloatScalar Scalar>
+void save_state(StateWriter& out, const AdamW<Scalar>& opt) {
+  nlohmann::json& j = out.json();
+  j["kind"] = "AdamW";
+  j["step_count"] = opt.step_count();
+  j["lr_factor"] = opt.lr_factor();
+  j["options"] = {{"lr", opt.options().lr}, {"beta1", opt.options().beta1}, {"beta2", opt.options().beta2},
+                  {"eps", opt.options().eps}, {"weight_decay", opt.options().weight_decay}};
+  j["groups"] = detail::group_settings(opt.groups());
+  nlohmann::json axes = nlohmann::json::object();
+  for (const std::string& name : detail::sorted_keys(opt.states())) {
+    const typename AdamW<Scalar>::State& s = opt.states().at(name);
+    out.matrix("m/" + name, s.m);
+    out.matrix("v/" + name, s.v);
+    out.vector("steps/" + name, Matrix<double>(s.steps.matrix()));
+    axes[name] = s.axis == Axis::Rows ? "rows" : "cols";
+  }
+  j["states"] = axes;
+}
+
+template <FloatScalar Scalar>
+void load_state(const StateReader& in, AdamW<Scalar>& opt) {
+  if (in.string("kind") != "AdamW") in.fail("holds a '", in.string("kind"), "' optimizer, not AdamW");
+  const std::int64_t step_count = in.integer("step_count");
+  const double lr_factor = in.number("lr_factor");
+  if (!(lr_factor >= 0.0) || !std::isfinite(lr_factor) || step_count < 0)
+    in.fail("'lr_factor' and 'step_count' must be >= 0");
+  const nlohmann::json& axes = in.json().contains("states") ? in.json()["states"] : nlohmann::json();
+  if (!axes.is_object()) in.fail("'states' must be an object of parameter name -> axis");
+  std::unordered_map<std::string, typename AdamW<Scalar>::State> states;
+  for (const auto& [name, axis] : axes.items()) {
+    if (axis != "rows" && axis != "cols") in.fail("the axis of '", name, "' must be \"rows\" or \"cols\"");
+    typename AdamW<Scalar>::State s;
+    s.m = in.template matrix<Scalar>("m/" + name);
+    s.v = in.template matrix<Scalar>("v/" + name);
+    s.axis = axis == "rows" ? Axis::Rows : Axis::Cols;
+    const Matrix<double> steps = in.template matrix<double>("steps/" + name);
+    if (steps.cols() != 1) in.fail("'steps/", name, "' must be a vector");
+    s.steps = steps.col(0).array();
+    states.emplace(name, std::move(s));
+  }
+  try {
+    opt.restore(long(step_count), std::move(states));
+    opt.set_lr_factor(lr_factor);
+  } catch (const InvalidArgument& e) {
+    in.fail("does not fit the optimizer: ", e.what());
+  }
+}
+
+template <FloatScalar Scalar>
+void save_state(StateWriter& out, const SGD<Scalar>& opt) {
+  nlohmann::json& j = out.json();
+  j["kind"] = "SGD";
+  j["step_count"] = opt.step_count();
+  j["lr_factor"] = opt.lr_factor();
+  j["options"] = {{"lr", opt.options().lr}, {"momentum", opt.options().momentum},
+                  {"weight_decay", opt.options().weight_decay}, {"nesterov", opt.options().nesterov}};
+  j["groups"] = detail::group_settings(opt.groups());
+  nlohmann::json names = nlohmann::json::array();
+  for (const std::string& name : detail::sorted_keys(opt.velocities())) {
+    out.matrix("velocity/" + name, opt.velocities().at(name));
+    names.push_back(name);
+  }
+  j["velocities"] = names;
+}
+
+template <FloatScalar Scalar>
+void load_state(const StateReader& in, SGD<Scalar>& opt) {
+  if (in.string("kind") != "SGD") in.fail("holds a '", in.string("kind"), "' optimizer, not SGD");
+  const std::int64_t step_count = in.integer("step_count");
+  const double lr_factor = in.number("lr_factor");
+  if (!(lr_factor >= 0.0) || !std::isfinite(lr_factor) || step_count < 0)
+    in.fail("'lr_factor' and 'step_count' must be >= 0");
+  const nlohmann::json& names = in.json().contains("velocities") ? in.json()["velocities"] : nlohmann::json();
+  if (!names.is_array()) in.fail("'velocities' must be a list of parameter names");
+  std::unordered_map<std::string, Matrix<Scalar>> velocities;
+  for (const nlohmann::json& name : names) {
+    if (!name.is_string()) in.fail("'velocities' must be a list of parameter names");
+    velocities.emplace(name.get<std::string>(), in.template matrix<Scalar>("velocity/" + name.get<std::string>()));
+  }
+  try {
+    opt.restore(long(step_count), std::move(velocities));
+    opt.set_lr_factor(lr_factor);
+  } catch (const InvalidArgument& e) {
+    in.fail("does not fit the optimizer: ", e.what());
+  }
+}
+
+}  // namespace rankwise
