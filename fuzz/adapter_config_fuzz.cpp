@@ -2,7 +2,7 @@
 // throws a rankwise::Error; it never crashes or leaks. Module matching by list is exercised too
 // (regular expressions from the input are not compiled: std::regex has no complexity bound).
 // Run: scripts/fuzz.sh (builds with clang, -fsanitize=fuzzer,address,undefined).
-#include <rankwise/io/detail/peft_config.hpp>
+#include <rankwise/io/peft_config.hpp>
 
 #include <cstddef>
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Tests for rankwise/io/peft.hpp (and io/detail/peft_config.hpp, io/named_adapter.hpp).
+// Tests for rankwise/io/peft.hpp (and io/peft_config.hpp, io/named_adapter.hpp).
 #include <rankwise/io/peft.hpp>
 
 #include "support/matchers.hpp"

@@ -19,7 +19,7 @@
 #include <rankwise/core/types.hpp>
 #include <rankwise/io/atomic_file.hpp>
 #include <rankwise/io/detail/file.hpp>
-#include <rankwise/io/detail/peft_config.hpp>
+#include <rankwise/io/peft_config.hpp>
 #include <rankwise/io/named_adapter.hpp>
 #include <rankwise/io/safetensors.hpp>
 

@@ -1,5 +1,5 @@
 #pragma once
-/// \file rankwise/io/detail/peft_config.hpp
+/// \file rankwise/io/peft_config.hpp
 /// adapter_config.json of a PEFT adapter directory: PeftConfig (the keys rankwise reads), its parser
 /// (unknown keys are ignored, as PEFT ignores them; known keys are type-checked), and PEFT's rules
 /// for which modules a config targets and which rank and alpha each module gets.
