@@ -9,6 +9,8 @@
 #include <rankwise/core/layer.hpp>
 #include <rankwise/core/types.hpp>
 
+#include <unsupported/Eigen/SpecialFunctions>  // vectorised erf (Eigen's own module, shipped with it)
+
 #include <cmath>
 #include <numbers>
 #include <vector>
@@ -35,7 +37,7 @@ class GELU {
       detail::fail("rankwise::GELU", "forward: input must have ", m_features, " rows (got ", x.rows(), ")");
     y.resize(x.rows(), x.cols());
     const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
-    y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).unaryExpr(&erf_of)) * Scalar(0.5);
+    y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);
     if (m_training)
       m_x = x;
     else
@@ -51,7 +53,7 @@ class GELU {
     const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
     const Scalar inv_sqrt2pi = Scalar(1.0 / std::sqrt(2.0 * std::numbers::pi));
     dx.resize(dy.rows(), dy.cols());
-    dx.array() = dy.array() * ((Scalar(1) + (m_x.array() * inv_sqrt2).unaryExpr(&erf_of)) * Scalar(0.5) +
+    dx.array() = dy.array() * ((Scalar(1) + (m_x.array() * inv_sqrt2).erf()) * Scalar(0.5) +
                                m_x.array() * (m_x.array().square() * Scalar(-0.5)).exp() * inv_sqrt2pi);
   }
 
@@ -59,8 +61,6 @@ class GELU {
   void zero_grad() {}
 
  private:
-  static Scalar erf_of(Scalar v) { return std::erf(v); }
-
   Index m_features;
   bool m_training = true;
   bool m_cached = false;
