@@ -413,9 +413,9 @@ TEST_CASE("save_peft_adapter: a save that fails halfway leaves the previous dire
   const auto weights = read_bytes(dir.path / "adapter_model.safetensors");
   const auto config = read_bytes(dir.path / "adapter_config.json");
   model.at(0).B_parameter().value.setConstant(7.0f);
-  {
+  for (const bool durable : {true, false}) {
     rankwise::ScopedWriteFailure failure(500);
-    CHECK_THROWS_AS(rankwise::save_peft_adapter(dir.path, model.modules), rankwise::IoError);
+    CHECK_THROWS_AS(rankwise::save_peft_adapter(dir.path, model.modules, {.durable = durable}), rankwise::IoError);
   }
   CHECK(read_bytes(dir.path / "adapter_model.safetensors") == weights);
   CHECK(read_bytes(dir.path / "adapter_config.json") == config);

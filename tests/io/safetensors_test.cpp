@@ -1,4 +1,4 @@
-// Tests for rankwise/io/safetensors.hpp (and io/detail/safetensors_header.hpp, io/detail/half.hpp).
+// Tests for rankwise/io/safetensors.hpp and rankwise/io/atomic_file.hpp (and io/detail/: header, half, transpose).
 #include <rankwise/io/safetensors.hpp>
 
 #include "support/matchers.hpp"
@@ -460,4 +460,40 @@ TEST_CASE("SafetensorsWriter: a write that fails halfway leaves the previous fil
   CHECK(rankwise::test_support::count_entries(dir.path) == 1);  // no temporary left
   second.write(path);  // without the failure the new file replaces the old one
   CHECK(SafetensorsReader(path).size() == 2);
+}
+
+TEST_CASE("AtomicFile: the target changes only at commit, and a dropped file leaves no trace", "[io][atomic_file]") {
+  TempDir dir("atomic");
+  const fs::path target = dir.path / "a.txt";
+  rankwise::write_file_atomically(target, "first");
+  {
+    rankwise::AtomicFile file(target);
+    file.write(std::string_view("second, longer"));
+    CHECK(rankwise::test_support::read_text(target) == "first");  // not yet
+    CHECK(fs::exists(file.temporary()));
+    CHECK(file.temporary().parent_path() == dir.path);  // same directory, so rename is atomic
+  }  // destroyed without commit
+  CHECK(rankwise::test_support::read_text(target) == "first");
+  CHECK(rankwise::test_support::count_entries(dir.path) == 1);
+  {
+    rankwise::AtomicFile file(target, /*durable=*/false);
+    file.write(std::string_view("third"));
+    file.commit();
+    CHECK(file.bytes_written() == 5);
+    CHECK_THROWS_AS(file.write(std::string_view("x")), rankwise::StateError);
+    CHECK_THROWS_AS(file.commit(), rankwise::StateError);
+  }
+  CHECK(rankwise::test_support::read_text(target) == "third");
+  CHECK_THROWS_WITH(rankwise::AtomicFile(dir.path / "missing" / "b.txt"),
+                    Contains("[rankwise::AtomicFile] cannot create a temporary file next to"));
+  {
+    rankwise::ScopedWriteFailure outer(100);
+    {
+      rankwise::ScopedWriteFailure inner(2);
+      CHECK_THROWS_WITH(rankwise::write_file_atomically(target, "fourth"), Contains("failed after 2 bytes"));
+    }
+    rankwise::write_file_atomically(target, "fifth");  // the outer budget is back
+  }
+  CHECK(rankwise::test_support::read_text(target) == "fifth");
+  CHECK(rankwise::test_support::count_entries(dir.path) == 1);
 }

@@ -5,6 +5,7 @@
 ///   open     a fresh temporary ".<name>.tmp.<pid>.<n>" in the target's own directory (O_EXCL)
 ///   write    straight to the temporary
 ///   commit   fsync the temporary, close it, rename it over the target, fsync the directory
+///            (durable = false skips both fsyncs: still atomic, not proof against power loss)
 ///   abandon  (destruction without commit, or any failure) close and unlink the temporary
 /// rename() within one directory is atomic on POSIX file systems, so a reader sees either the
 /// previous file or the new one, and a crash leaves the previous file intact (at worst a stray
@@ -56,8 +57,11 @@ class ScopedWriteFailure {
 
 class AtomicFile {
  public:
-  /// Creates the temporary next to `target`. The target's directory must exist.
-  explicit AtomicFile(std::filesystem::path target) : m_target(std::move(target)) {
+  /// Creates the temporary next to `target`. The target's directory must exist. `durable = false`
+  /// skips the two fsyncs: the replacement stays atomic (a crashed process never leaves a torn
+  /// file) but a power loss may lose the new file's contents.
+  explicit AtomicFile(std::filesystem::path target, bool durable = true)
+      : m_target(std::move(target)), m_durable(durable) {
     if (m_target.filename().empty())
       detail::fail("rankwise::AtomicFile", "target must name a file (got '", m_target.string(), "')");
     const std::filesystem::path directory = m_target.parent_path();
@@ -116,7 +120,7 @@ class AtomicFile {
     if (!m_fd.is_open())
       detail::fail<StateError>("rankwise::AtomicFile", "commit() twice or after a failure ('", m_target.string(),
                                "')");
-    int error = detail::sync_fd(m_fd.get());
+    int error = m_durable ? detail::sync_fd(m_fd.get()) : 0;
     if (error == 0 && m_fd.close_checked() != 0) error = errno;
     if (error != 0) {
       abandon();
@@ -130,7 +134,7 @@ class AtomicFile {
                             m_target.string(), "': ", detail::errno_text(error));
     }
     m_committed = true;
-    detail::sync_directory(m_target.parent_path(), "rankwise::AtomicFile");
+    if (m_durable) detail::sync_directory(m_target.parent_path(), "rankwise::AtomicFile");
   }
 
   const std::filesystem::path& target() const { return m_target; }
@@ -150,18 +154,20 @@ class AtomicFile {
   std::filesystem::path m_temporary;
   detail::FileDescriptor m_fd;
   std::uint64_t m_written = 0;
+  bool m_durable = true;
   bool m_committed = false;
 };
 
-/// Replaces `target` with `bytes`, atomically.
-inline void write_file_atomically(const std::filesystem::path& target, std::span<const unsigned char> bytes) {
-  AtomicFile file(target);
+/// Replaces `target` with `bytes`, atomically (durable: see AtomicFile).
+inline void write_file_atomically(const std::filesystem::path& target, std::span<const unsigned char> bytes,
+                                  bool durable = true) {
+  AtomicFile file(target, durable);
   file.write(bytes);
   file.commit();
 }
 
-inline void write_file_atomically(const std::filesystem::path& target, std::string_view text) {
-  AtomicFile file(target);
+inline void write_file_atomically(const std::filesystem::path& target, std::string_view text, bool durable = true) {
+  AtomicFile file(target, durable);
   file.write(text);
   file.commit();
 }

@@ -82,6 +82,7 @@ struct PeftSaveOptions {
   std::string base_model_name_or_path{};       ///< empty: null
   std::string task_type{};                     ///< empty: null; else one of PEFT's task types
   std::map<std::string, std::string> metadata{};  ///< extra __metadata__ strings ("format" is "pt")
+  bool durable = true;  ///< fsync the files (false: still atomic, but a power loss may lose the save)
 };
 
 /// A LoRA as plain factors: gates other than 1 are folded into B's columns (exact: B diag(g)).
@@ -421,8 +422,8 @@ PeftConfig save_peft_lora(const std::filesystem::path& dir, const std::vector<Pe
   j["use_rslora"] = config.use_rslora;
 
   detail::create_directory(dir, where);
-  writer.write(dir / detail::peft_weights_file);
-  write_file_atomically(dir / detail::peft_config_file, j.dump(2) + "\n");
+  writer.write(dir / detail::peft_weights_file, options.durable);
+  write_file_atomically(dir / detail::peft_config_file, j.dump(2) + "\n", options.durable);
   return config;
 }
 

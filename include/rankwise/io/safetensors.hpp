@@ -210,13 +210,15 @@ class SafetensorsReader {
       read_elements(t, out.data(), 0, std::size_t(out.size()));  // same bytes in both layouts
       return;
     }
-    // Row-major file, column-major matrix: convert a block of rows, then scatter its columns.
+    // Row-major file, column-major matrix: read a block of rows into a buffer whose row stride is
+    // padded by a cache line (power-of-two strides would alias in the cache), then transpose it.
     const Index block = detail::transpose_block_rows(rows, cols, sizeof(Scalar));
-    std::vector<Scalar> buffer(std::size_t(block * cols));
+    const Index ld = cols + Index(64 / sizeof(Scalar));
+    std::vector<Scalar> buffer(std::size_t(block * ld));
     for (Index r0 = 0; r0 < rows; r0 += block) {
       const Index k = std::min(block, rows - r0);
-      read_elements(t, buffer.data(), std::size_t(r0 * cols), std::size_t(k * cols));
-      detail::transpose_copy(buffer.data(), k, cols, cols, out.data() + r0, rows);
+      read_rows(t, r0, k, cols, buffer.data(), ld);
+      detail::transpose_copy(buffer.data(), k, cols, ld, out.data() + r0, rows);
     }
   }
 
@@ -270,6 +272,34 @@ class SafetensorsReader {
   void read_raw(const TensorInfo& t, std::uint64_t at, void* out, std::size_t size) const {
     RANKWISE_ASSERT(at >= t.begin && size <= t.end - at, "read outside the tensor");
     read_source(m_header.data_start + at, out, size);
+  }
+
+  /// Rows [first, first + count) of a 2-D float tensor with `cols` columns, converted to Scalar,
+  /// row i stored at out + i * ld.
+  template <FloatScalar Scalar>
+  void read_rows(const TensorInfo& t, Index first, Index count, Index cols, Scalar* out, Index ld) const {
+    const std::size_t size = detail::float_dtype_size(t.dtype);
+    const std::size_t row_bytes = std::size_t(cols) * size;
+    const std::uint64_t at = t.begin + std::uint64_t(first) * row_bytes;
+    RANKWISE_ASSERT(at >= t.begin && std::uint64_t(count) * row_bytes <= t.end - at, "read outside the tensor");
+    if (t.dtype == native_dtype<Scalar>() && detail::little_endian_host) {
+      auto* dst = reinterpret_cast<unsigned char*>(out);
+      const std::size_t stride = std::size_t(ld) * sizeof(Scalar);
+      if (const auto* file = std::get_if<detail::ReadOnlyFile>(&m_source)) {
+        if (!file->read_rows_at(m_header.data_start + at, std::size_t(count), row_bytes, dst, stride,
+                                "rankwise::SafetensorsReader"))
+          detail::fail<FormatError>("rankwise::SafetensorsReader", "'", m_label, "' at byte ", m_header.data_start + at,
+                                    ": expected ", std::uint64_t(count) * row_bytes,
+                                    " more bytes, but the file ended (it shrank after it was opened)");
+      } else {
+        for (Index i = 0; i < count; ++i) read_raw(t, at + std::uint64_t(i) * row_bytes, dst + std::size_t(i) * stride, row_bytes);
+      }
+      return;
+    }
+    std::vector<unsigned char> raw(std::size_t(count) * row_bytes);
+    read_raw(t, at, raw.data(), raw.size());
+    for (Index i = 0; i < count; ++i)
+      detail::decode_floats(t.dtype, raw.data() + std::size_t(i) * row_bytes, out + i * ld, std::size_t(cols));
   }
 
   /// Elements [first, first + count) of a float tensor, converted to Scalar.
@@ -400,9 +430,10 @@ class SafetensorsWriter {
     return out;
   }
 
-  /// Writes the file atomically: `path` is replaced only once the new file is complete on disk.
-  void write(const std::filesystem::path& path) const {
-    AtomicFile file(path);
+  /// Writes the file atomically: `path` is replaced only once the new file is complete on disk
+  /// (durable = false: without the fsyncs, see AtomicFile).
+  void write(const std::filesystem::path& path, bool durable = true) const {
+    AtomicFile file(path, durable);
     stream(file);
     file.commit();
   }

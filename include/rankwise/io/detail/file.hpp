@@ -12,10 +12,12 @@
 #include <filesystem>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #else
 #error "rankwise/io needs a POSIX system (open, pread, fsync, rename)"
@@ -92,6 +94,38 @@ class ReadOnlyFile {
       dst += got;
       offset += std::uint64_t(got);
       size -= std::size_t(got);
+    }
+    return true;
+  }
+
+  /// Reads `rows` consecutive rows of `row_bytes` bytes at `offset`, row i to dst + i * dst_stride
+  /// (one preadv per up to 256 rows); false if the file ended first.
+  bool read_rows_at(std::uint64_t offset, std::size_t rows, std::size_t row_bytes, unsigned char* dst,
+                    std::size_t dst_stride, const char* where) const {
+    constexpr std::size_t batch = 256;
+    std::vector<::iovec> iov;
+    for (std::size_t done = 0; done < rows;) {
+      const std::size_t n = rows - done < batch ? rows - done : batch;
+      iov.resize(n);
+      for (std::size_t i = 0; i < n; ++i) iov[i] = {dst + (done + i) * dst_stride, row_bytes};
+      std::size_t first = 0;
+      std::uint64_t at = offset + std::uint64_t(done) * row_bytes;
+      while (first < n) {
+        const ::ssize_t got = ::preadv(m_fd.get(), iov.data() + first, int(n - first), ::off_t(at));
+        if (got < 0) {
+          if (errno == EINTR) continue;
+          fail<IoError>(where, "cannot read '", m_path, "' at byte ", at, ": ", errno_text(errno));
+        }
+        if (got == 0) return false;
+        at += std::uint64_t(got);
+        std::size_t left = std::size_t(got);
+        while (first < n && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+        if (left > 0) {
+          iov[first].iov_base = static_cast<unsigned char*>(iov[first].iov_base) + left;
+          iov[first].iov_len -= left;
+        }
+      }
+      done += n;
     }
     return true;
   }
