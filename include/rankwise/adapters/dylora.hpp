@@ -155,7 +155,9 @@ class DyLoRA {
     const Index b = m_rank, lo = m_lo, len = b - lo;
     const Scalar s = Scalar(scale_at(b));
     if (m_t.rows() != max_rank() || m_t.cols() != dy.cols()) m_t.resize(max_rank(), dy.cols());
-    m_t.topRows(b).noalias() = s * (m_B.value.leftCols(b).transpose() * dy);  // dL/dU, b x n
+    // dL/dU (b x n), scaled apart: at b = 1 Eigen would copy a scaled operand to the heap.
+    m_t.topRows(b).noalias() = m_B.value.leftCols(b).transpose() * dy;
+    m_t.topRows(b) *= s;
     m_B.grad.middleCols(lo, len).noalias() += s * (dy * m_u.middleRows(lo, len).transpose());
     m_A.grad.middleRows(lo, len).noalias() += m_t.middleRows(lo, len) * m_x.transpose();
     dx.noalias() += m_A.value.topRows(b).transpose() * m_t.topRows(b);
