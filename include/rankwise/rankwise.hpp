@@ -8,13 +8,24 @@
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
+#include <rankwise/core/memory.hpp>
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
 
 #include <rankwise/layers/linear.hpp>
 
+#include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/dylora.hpp>
+#include <rankwise/adapters/factory.hpp>
 #include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/melora.hpp>
+#include <rankwise/adapters/red.hpp>
+#include <rankwise/adapters/vera.hpp>
+
+#include <rankwise/rank/dylora_sampler.hpp>
+#include <rankwise/rank/erat_sampler.hpp>
 
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
