@@ -1,15 +1,16 @@
 // adapters: forward + backward of every adapter at in = out = 1024, 512 tokens, float, next to LoRA and
 // the frozen Linear it wraps. Reports time, FLOP/s (useful FLOPs of the method) and trainable parameters,
 // and a memory report of a model whose VeRA layers share one bank.
-// Run: build/bench/benchmarks/bench_adapters [--benchmark_filter=...]   (configure with -DRANKWISE_NATIVE=ON)
+// Run: build/bench/benchmarks/bench_adapters [--benchmark_filter=...]; docs/benchmarks.md has the table.
 #include <rankwise/rankwise.hpp>
+
+#include "bench_context.hpp"
 
 #include <benchmark/benchmark.h>
 
 #include <malloc.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,7 +42,7 @@ void run(benchmark::State& state, LayerType& layer, double flops, Index trainabl
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();
   }
-  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["trainable"] = double(trainable);
 }
 
@@ -149,16 +150,25 @@ void print_memory_report() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Keep Eigen's GEMM workspaces mapped between calls (performance-notes.md, trap 2), and time one thread.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  Eigen::setNbThreads(1);
-  std::printf("rankwise %d.%d.%d, Eigen %d.%d.%d, %d thread(s), SIMD: %s\n", RANKWISE_VERSION_MAJOR,
-              RANKWISE_VERSION_MINOR, RANKWISE_VERSION_PATCH, EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION,
-              EIGEN_MINOR_VERSION, Eigen::nbThreads(), Eigen::SimdInstructionSetsInUse());
-#if defined(__VERSION__)
-  std::printf("compiler: %s\n", __VERSION__);
-#endif
+  namespace rb = rankwise::bench;
+  // Keep Eigen's GEMM workspaces mapped between calls (docs/benchmarks.md, "Traps");
+  // RANKWISE_BENCH_MALLOPT=0 measures glibc's defaults. One thread: the most repeatable figures.
+  const bool tuned = rb::env_or("RANKWISE_BENCH_MALLOPT", "1") != "0";
+  if (tuned) {
+    mallopt(M_MMAP_THRESHOLD, 64 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  }
+  rb::set_threads(1);
+  benchmark::AddCustomContext("cpu", rb::cpu_model());
+  benchmark::AddCustomContext("compiler", rb::compiler());
+  benchmark::AddCustomContext("flags", RANKWISE_BENCH_FLAGS);
+  benchmark::AddCustomContext("eigen", rb::eigen_version() + ", SIMD " + rb::simd());
+  benchmark::AddCustomContext("products", rb::backend());
+  benchmark::AddCustomContext("OPENBLAS_CORETYPE", rb::env_or("OPENBLAS_CORETYPE", "(unset)"));
+  benchmark::AddCustomContext("OPENBLAS_L2_SIZE", rb::env_or("OPENBLAS_L2_SIZE", "(unset)"));
+  benchmark::AddCustomContext("malloc", tuned ? "mmap/trim thresholds raised (mallopt)" : "glibc defaults");
+  benchmark::AddCustomContext("threads", "1");
+  benchmark::AddCustomContext("shape", "in = out = 1024, 512 tokens, float");
   print_memory_report();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
