@@ -81,8 +81,13 @@ class RED {
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
     if (m_merged) return;
-    if (m_training && m_options.scaling) m_h = y;
-    y.array() = (y.array().colwise() * m_scale.value.col(0).array()).colwise() + m_bias.value.col(0).array();
+    const bool keep = m_training && m_options.scaling;
+    if (keep) m_h.resize(y.rows(), y.cols());
+    // One pass over the output, column by column (contiguous), keeping h where backward needs it.
+    for (Index j = 0; j < y.cols(); ++j) {
+      if (keep) m_h.col(j) = y.col(j);
+      y.col(j).array() = y.col(j).array() * m_scale.value.col(0).array() + m_bias.value.col(0).array();
+    }
   }
 
   /// Requires forward() in training mode on the same batch, and an unmerged adapter.
@@ -94,9 +99,13 @@ class RED {
     if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
       detail::fail("rankwise::RED", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
-    if (m_options.scaling) m_scale.grad.col(0) += (dy.array() * m_h.array()).rowwise().sum().matrix();
-    if (m_options.bias) m_bias.grad.col(0) += dy.rowwise().sum();
-    m_g = (dy.array().colwise() * m_scale.value.col(0).array()).matrix();  // dL/dh
+    // One pass over dy, column by column: both vector gradients and dL/dh = l_scale (.) dy.
+    m_g.resize(dy.rows(), dy.cols());
+    for (Index j = 0; j < dy.cols(); ++j) {
+      if (m_options.scaling) m_scale.grad.col(0).array() += dy.col(j).array() * m_h.col(j).array();
+      if (m_options.bias) m_bias.grad.col(0) += dy.col(j);
+      m_g.col(j).array() = dy.col(j).array() * m_scale.value.col(0).array();
+    }
     m_base.backward(m_g, dx);
   }
 
