@@ -184,9 +184,9 @@ int main(int argc, char** argv) {
       : config.estimator == "magnitude" ? static_cast<rankwise::ImportanceEstimator<float>&>(magnitude)
                                         : ablation;
   rankwise::RankAllocatorOptions options;
-  options.warmup_steps = config.warmup;    // K1
-  options.recovery_steps = config.recovery;  // K2
-  options.rounds = config.rounds;          // N_A
+  options.warmup_steps = config.warmup;              // K1
+  options.recovery_steps = config.recovery;          // K2
+  options.rounds = config.rounds;                    // N_A
   options.ranks_per_round = config.ranks_per_round;  // n_A
   options.total_steps = config.steps;
   rankwise::Random allocator_rng(config.seed + 1);
