@@ -6,10 +6,13 @@
 // Run: build/benchmarks/bench_allocator [--benchmark_format=csv]
 #include <rankwise/rankwise.hpp>
 
+#include "bench_context.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <chrono>
 #include <deque>
+#include <string>
 #include <vector>
 
 using rankwise::Index;
@@ -136,4 +139,20 @@ BENCHMARK(BM_ValidationForward)->Arg(8)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ScoringRound)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ScoringRoundCached)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMillisecond);
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  namespace rb = rankwise::bench;
+  benchmark::AddCustomContext("cpu", rb::cpu_model());
+  benchmark::AddCustomContext("compiler", rb::compiler());
+  benchmark::AddCustomContext("flags", RANKWISE_BENCH_FLAGS);
+  benchmark::AddCustomContext("eigen", rb::eigen_version() + ", SIMD " + rb::simd());
+  benchmark::AddCustomContext("products", rb::backend());
+  benchmark::AddCustomContext("threads", std::to_string(Eigen::nbThreads()));
+  benchmark::AddCustomContext("model", std::to_string(kLayers) + " LoRA layers " + std::to_string(kDim) + " x " +
+                                           std::to_string(kDim) + ", tanh between, " + std::to_string(kTokens) +
+                                           " validation tokens");
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

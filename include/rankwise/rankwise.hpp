@@ -12,7 +12,14 @@
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
 
+#include <rankwise/layers/causal_attention.hpp>
+#include <rankwise/layers/cross_entropy.hpp>
+#include <rankwise/layers/embedding.hpp>
+#include <rankwise/layers/gelu.hpp>
+#include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
+
+#include <rankwise/models/tasks.hpp>
 
 #include <rankwise/adapters/lora.hpp>
 

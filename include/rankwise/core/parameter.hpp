@@ -9,6 +9,7 @@
 /// "layers.0.attn.q_proj.lora_A.weight"; optimizer state is keyed by it, never by address.
 /// Docs: docs/concepts/layer.md
 
+#include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 
 #include <string>
@@ -26,9 +27,26 @@ struct Parameter {
   bool trainable = true;
   bool is_vector = false;  ///< a 1-D tensor stored as a column
 
-  /// grad = 0 with value's shape (allocates only when the shape changed).
-  void zero_grad() { grad.setZero(value.rows(), value.cols()); }
+  /// grad = 0 with value's shape (allocates only when the shape changed). A frozen parameter keeps no
+  /// gradient storage at all: its grad becomes empty, which is what frozen weights cost nothing for.
+  void zero_grad() {
+    if (trainable)
+      grad.setZero(value.rows(), value.cols());
+    else
+      grad.resize(0, 0);
+  }
   Index size() const { return value.size(); }
+
+  /// Whether backward() should accumulate into grad: true for a trainable parameter, whose grad must
+  /// then have value's shape (StateError otherwise: a parameter made trainable needs zero_grad()).
+  bool wants_grad() const {
+    if (!trainable) return false;
+    if (grad.rows() != value.rows() || grad.cols() != value.cols())
+      detail::fail<StateError>("rankwise::Parameter", "'", name, "' is trainable but its gradient is ", grad.rows(),
+                               " x ", grad.cols(), " instead of ", value.rows(), " x ", value.cols(),
+                               "; call zero_grad() after making it trainable or changing its shape");
+    return true;
+  }
 };
 
 /// Which axis of a parameter a rank change slices: A's rows, B's columns.

@@ -1,0 +1,73 @@
+// What every rankwise benchmark prints about the run: machine, compiler, flags, Eigen, BLAS, threads,
+// and the environment variables known to change the numbers (docs/benchmarks.md, "Traps").
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#if defined(RANKWISE_USE_BLAS)
+extern "C" {
+void openblas_set_num_threads(int);
+char* openblas_get_corename(void);
+char* openblas_get_config(void);
+}
+#endif
+
+namespace rankwise::bench {
+
+inline std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+inline std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string(fallback);
+}
+
+inline std::string compiler() {
+#if defined(__clang__)
+  return "clang " __clang_version__;
+#elif defined(__GNUC__)
+  return "g++ " __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+inline std::string simd() {
+#if defined(__AVX512F__)
+  return "AVX-512 (" + std::string(Eigen::SimdInstructionSetsInUse()) + ")";
+#else
+  return Eigen::SimdInstructionSetsInUse();
+#endif
+}
+
+inline std::string backend() {
+#if defined(RANKWISE_USE_BLAS)
+  return std::string("OpenBLAS (") + openblas_get_corename() + " kernel; " + openblas_get_config() + ")";
+#else
+  return "Eigen's own kernels";
+#endif
+}
+
+inline std::string eigen_version() {
+  return std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) + "." +
+         std::to_string(EIGEN_MINOR_VERSION);
+}
+
+/// Sets the threads of whichever backend runs the products.
+inline void set_threads(int n) {
+  Eigen::setNbThreads(n);
+#if defined(RANKWISE_USE_BLAS)
+  openblas_set_num_threads(n);
+#endif
+}
+
+}  // namespace rankwise::bench

@@ -1,0 +1,122 @@
+#pragma once
+/// \file rankwise/layers/causal_attention.hpp
+/// The core of causal multi-head self-attention (Vaswani et al., 2017, arXiv:1706.03762), between the
+/// q/k/v projections and the output projection, which are separate (adaptable) linear slots.
+///
+///   per sequence and head h (dh = d / heads rows of q, k, v):
+///   S = K_h^T Q_h / sqrt(dh)         (keys x queries; S_ji = k_j . q_i / sqrt(dh))
+///   P = softmax over keys j <= i of column i  (causal: later keys are masked out)
+///   O_h = V_h P                      (dh x queries)
+///   backward: dV_h = dO_h P^T, dP = V_h^T dO_h, dS_:i = P_:i ⊙ (dP_:i - P_:i . dP_:i) / sqrt(dh),
+///             dQ_h = K_h dS, dK_h = Q_h dS^T
+///   shapes  q, k, v, o: d x (batch * seq_len), the tokens of one sequence in consecutive columns
+/// No parameters. Keeps P (seq_len x seq_len per sequence and head) for backward.
+/// Docs: docs/layers/attention.md
+
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/types.hpp>
+
+#include <cmath>
+#include <limits>
+
+namespace rankwise {
+
+template <FloatScalar Scalar_>
+class CausalSelfAttention {
+ public:
+  using Scalar = Scalar_;
+  using MatrixType = Matrix<Scalar>;
+
+  CausalSelfAttention(Index d_model, Index heads) : m_d(d_model), m_heads(heads) {
+    if (d_model < 1 || heads < 1 || d_model % heads != 0)
+      detail::fail("rankwise::CausalSelfAttention", "d_model must be a positive multiple of heads (got d_model ",
+                   d_model, ", heads ", heads, ")");
+  }
+
+  Index d_model() const { return m_d; }
+  Index heads() const { return m_heads; }
+  Index head_dim() const { return m_d / m_heads; }
+  void set_training(bool training) { m_training = training; }
+  bool is_training() const { return m_training; }
+
+  /// o = attention(q, k, v) over sequences of seq_len consecutive columns.
+  void forward(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v, Index seq_len,
+               MatrixType& o) {
+    check_inputs(q, k, v, seq_len);
+    const Index n = q.cols(), T = seq_len, dh = head_dim(), batches = n / T;
+    const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
+    m_P.resize(T, batches * m_heads * T);
+    o.resize(m_d, n);
+    for (Index b = 0; b < batches; ++b)
+      for (Index h = 0; h < m_heads; ++h) {
+        auto P = m_P.middleCols((b * m_heads + h) * T, T);
+        P.noalias() = k.block(h * dh, b * T, dh, T).transpose() * q.block(h * dh, b * T, dh, T);
+        for (Index i = 0; i < T; ++i) {  // column i: query i over keys 0..i
+          auto col = P.col(i);
+          const Scalar top = col.head(i + 1).maxCoeff();
+          col.head(i + 1) = ((col.head(i + 1).array() - top) * scale).exp();
+          col.head(i + 1) /= col.head(i + 1).sum();
+          col.tail(T - i - 1).setZero();
+        }
+        o.block(h * dh, b * T, dh, T).noalias() = v.block(h * dh, b * T, dh, T) * P;
+      }
+    m_seq_len = m_training ? T : -1;
+    if (m_training) {
+      m_q = q;
+      m_k = k;
+      m_v = v;
+    }
+  }
+
+  /// Gradients of q, k and v (assigned) from the gradient of the output.
+  void backward(const ConstRef<Scalar>& dout, MatrixType& dq, MatrixType& dk, MatrixType& dv) {
+    if (m_seq_len < 0)
+      detail::fail<StateError>("rankwise::CausalSelfAttention", "backward() needs a forward() in training mode first");
+    if (dout.rows() != m_d || dout.cols() != m_q.cols())
+      detail::fail("rankwise::CausalSelfAttention", "backward: dout must be ", m_d, " x ", m_q.cols(), " (got ",
+                   dout.rows(), " x ", dout.cols(), ")");
+    const Index n = m_q.cols(), T = m_seq_len, dh = head_dim(), batches = n / T;
+    const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
+    dq.resize(m_d, n);
+    dk.resize(m_d, n);
+    dv.resize(m_d, n);
+    m_dS.resize(T, T);
+    for (Index b = 0; b < batches; ++b)
+      for (Index h = 0; h < m_heads; ++h) {
+        const auto P = m_P.middleCols((b * m_heads + h) * T, T);
+        const auto dO = dout.block(h * dh, b * T, dh, T);
+        dv.block(h * dh, b * T, dh, T).noalias() = dO * P.transpose();
+        m_dS.noalias() = m_v.block(h * dh, b * T, dh, T).transpose() * dO;  // dP
+        for (Index i = 0; i < T; ++i) {
+          auto col = m_dS.col(i);
+          const Scalar dot = P.col(i).head(i + 1).dot(col.head(i + 1));
+          col.head(i + 1) = (P.col(i).head(i + 1).array() * (col.head(i + 1).array() - dot)) * scale;
+          col.tail(T - i - 1).setZero();
+        }
+        dq.block(h * dh, b * T, dh, T).noalias() = m_k.block(h * dh, b * T, dh, T) * m_dS;
+        dk.block(h * dh, b * T, dh, T).noalias() = m_q.block(h * dh, b * T, dh, T) * m_dS.transpose();
+      }
+  }
+
+  /// The attention weights of the last forward: column i of block (b, h) is query i's distribution.
+  const MatrixType& probabilities() const { return m_P; }
+
+ private:
+  void check_inputs(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v,
+                    Index seq_len) const {
+    if (q.rows() != m_d || k.rows() != m_d || v.rows() != m_d || k.cols() != q.cols() || v.cols() != q.cols())
+      detail::fail("rankwise::CausalSelfAttention", "q, k and v must all be ", m_d, " x n (got ", q.rows(), " x ",
+                   q.cols(), ", ", k.rows(), " x ", k.cols(), ", ", v.rows(), " x ", v.cols(), ")");
+    if (seq_len < 1 || q.cols() % seq_len != 0)
+      detail::fail("rankwise::CausalSelfAttention", "the number of tokens (", q.cols(),
+                   ") must be a multiple of seq_len (got ", seq_len, ")");
+  }
+
+  Index m_d;
+  Index m_heads;
+  bool m_training = true;
+  Index m_seq_len = -1;
+  MatrixType m_P, m_dS, m_q, m_k, m_v;
+};
+
+}  // namespace rankwise

@@ -1,0 +1,70 @@
+#pragma once
+/// \file rankwise/layers/gelu.hpp
+/// GELU activation (Hendrycks & Gimpel, 2016, arXiv:1606.08415), exact form as PyTorch's nn.GELU():
+///   y = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
+///   dy/dx = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+/// Elementwise, any shape; no parameters. Docs: docs/layers/activations.md
+
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/layer.hpp>
+#include <rankwise/core/types.hpp>
+
+#include <unsupported/Eigen/SpecialFunctions>  // vectorised erf (Eigen's own module, shipped with it)
+
+#include <cmath>
+#include <numbers>
+#include <vector>
+
+namespace rankwise {
+
+template <FloatScalar Scalar_>
+class GELU {
+ public:
+  using Scalar = Scalar_;
+  using MatrixType = Matrix<Scalar>;
+
+  explicit GELU(Index features) : m_features(features) {
+    if (features < 1) detail::fail("rankwise::GELU", "features must be >= 1 (got ", features, ")");
+  }
+
+  Index in_features() const { return m_features; }
+  Index out_features() const { return m_features; }
+  void set_training(bool training) { m_training = training; }
+  bool is_training() const { return m_training; }
+
+  void forward(const ConstRef<Scalar>& x, MatrixType& y) {
+    if (x.rows() != m_features)
+      detail::fail("rankwise::GELU", "forward: input must have ", m_features, " rows (got ", x.rows(), ")");
+    y.resize(x.rows(), x.cols());
+    const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
+    y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);
+    if (m_training)
+      m_x = x;
+    else
+      m_x.resize(0, 0);
+    m_cached = m_training;
+  }
+
+  void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
+    if (!m_cached) detail::fail<StateError>("rankwise::GELU", "backward() needs a forward() in training mode first");
+    if (dy.rows() != m_x.rows() || dy.cols() != m_x.cols())
+      detail::fail("rankwise::GELU", "backward: dy must be ", m_x.rows(), " x ", m_x.cols(), " (got ", dy.rows(),
+                   " x ", dy.cols(), ")");
+    const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
+    const Scalar inv_sqrt2pi = Scalar(1.0 / std::sqrt(2.0 * std::numbers::pi));
+    dx.resize(dy.rows(), dy.cols());
+    dx.array() = dy.array() * ((Scalar(1) + (m_x.array() * inv_sqrt2).erf()) * Scalar(0.5) +
+                               m_x.array() * (m_x.array().square() * Scalar(-0.5)).exp() * inv_sqrt2pi);
+  }
+
+  std::vector<Parameter<Scalar>*> parameters() { return {}; }
+  void zero_grad() {}
+
+ private:
+  Index m_features;
+  bool m_training = true;
+  bool m_cached = false;
+  MatrixType m_x;
+};
+
+}  // namespace rankwise
