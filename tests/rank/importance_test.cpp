@@ -358,6 +358,25 @@ TEST_CASE("SensitivityImportance: EMAs of |w g| and its uncertainty, averaged pe
   CHECK_THROWS_WITH(rankwise::SensitivityImportance<float>({.beta1 = 1.0}), Catch::Contains("beta1 must be in [0, 1)"));
 }
 
+TEST_CASE("SensitivityImportance: a frozen factor adds nothing and needs no gradient", "[rank][importance]") {
+  Random rng(5);
+  LoRA<float> lora(Linear<float>(5, 4, rng), {.rank = 2}, rng);
+  lora.B_parameter().value = random_matrix<float>(4, 2, rng);
+  lora.A_parameter().trainable = false;  // A frozen, as in LoRA-FA
+  lora.zero_grad();                      // a frozen parameter keeps no gradient storage
+  std::vector<RankModule<float>> modules{RankModule<float>(lora, "fc")};
+  rankwise::SensitivityImportance<float> estimator({.beta1 = 0.5, .beta2 = 0.5});
+  lora.B_parameter().grad = random_matrix<float>(4, 2, rng);
+  estimator.observe(modules);
+  const rankwise::ImportanceScores s = estimator.score(modules);
+  // One observation: Ibar = I / 2, Ubar = |I - I / 2| / 2 = I / 4, so the score is mean(I^2) / 8 over B's column.
+  for (Index i = 0; i < 2; ++i) {
+    const Matrix<double> cur =
+        (lora.B().col(i).cast<double>().array() * lora.B_parameter().grad.col(i).cast<double>().array()).abs().matrix();
+    CHECK(s.scores[0][static_cast<std::size_t>(i)] == Approx(cur.array().square().mean() / 8.0).epsilon(1e-5));
+  }
+}
+
 TEST_CASE("MagnitudeImportance: |s| ||B[:, i]|| ||A[i, :]|| per rank", "[rank][importance]") {
   Random rng(4);
   LoRA<double> lora(Linear<double>(6, 5, rng), {.rank = 3, .alpha = 12.0}, rng);

@@ -313,7 +313,7 @@ struct SensitivityImportanceOptions {
 
 /// AdaLoRA-style sensitivity: observe() after every optimizer step updates, for every weight of every
 /// rank-sliced parameter, I = |w g|, Ibar = b1 Ibar + (1 - b1) I, U = b2 U + (1 - b2) |I - Ibar|;
-/// the score of rank i is the sum over its slices (row of A, column of B) of mean(Ibar U).
+/// the score of rank i is the sum over its trainable slices (row of A, column of B) of mean(Ibar U).
 /// State is keyed by parameter name and follows surgery like an optimizer's (fresh slices start at 0).
 template <FloatScalar Scalar>
 class SensitivityImportance final : public ImportanceEstimator<Scalar> {
@@ -334,6 +334,7 @@ class SensitivityImportance final : public ImportanceEstimator<Scalar> {
     for (RankModule<Scalar>& module : modules) {
       for (const RankSlice<Scalar>& slice : slices_of(module)) {
         const Parameter<Scalar>& p = *slice.parameter;
+        if (!p.trainable) continue;  // a frozen factor has no gradient and adds nothing to the score
         auto [it, inserted] = m_state.try_emplace(p.name);
         State& s = it->second;
         if (inserted) {
@@ -380,6 +381,7 @@ class SensitivityImportance final : public ImportanceEstimator<Scalar> {
       out.assign(static_cast<std::size_t>(r), 0.0);
       for (const RankSlice<Scalar>& slice : slices_of(modules[m])) {
         const Parameter<Scalar>& p = *slice.parameter;
+        if (!p.trainable) continue;
         const auto it = m_state.find(p.name);
         if (it == m_state.end()) {
           if (r == 0) continue;
