@@ -41,4 +41,8 @@
 #include <rankwise/optim/optimizer.hpp>
 #include <rankwise/optim/sgd.hpp>
 
+#include <rankwise/rank/allocator.hpp>
+#include <rankwise/rank/importance.hpp>
+#include <rankwise/rank/module.hpp>
+
 #include <rankwise/testing/gradient_check.hpp>

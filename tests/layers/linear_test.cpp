@@ -149,3 +149,21 @@ TEST_CASE("Linear: bias can be added and removed for merges", "[layers][linear]"
   layer.forward(Matrix<float>::Ones(3, 1), y);
   CHECK(y(0, 0) == 3.0f);
 }
+
+TEST_CASE("Linear: frozen weights keep no gradient storage; unfreezing works, flipping the flag alone is caught",
+          "[layers][linear][errors]") {
+  Random rng(9);
+  Linear<float> layer(4, 3, rng, {.trainable = false});
+  CHECK(layer.weight_parameter().grad.size() == 0);
+  Matrix<float> y, dx;
+  const Matrix<float> x = random_matrix<float>(4, 2, rng), dy = random_matrix<float>(3, 2, rng);
+  layer.set_trainable(true);
+  layer.forward(x, y);
+  layer.backward(dy, dx);
+  CHECK_THAT(layer.weight_parameter().grad, is_close_to(Matrix<float>(dy * x.transpose())));
+  layer.set_trainable(false);
+  CHECK(layer.weight_parameter().grad.size() == 0);
+  layer.weight_parameter().trainable = true;  // bypassing set_trainable(): no gradient storage yet
+  layer.forward(x, y);
+  CHECK_THROWS_WITH(layer.backward(dy, dx), Catch::Contains("call zero_grad()"));
+}

@@ -158,8 +158,8 @@ class DyLoRA {
     // dL/dU (b x n), scaled apart: at b = 1 Eigen would copy a scaled operand to the heap.
     m_t.topRows(b).noalias() = m_B.value.leftCols(b).transpose() * dy;
     m_t.topRows(b) *= s;
-    m_B.grad.middleCols(lo, len).noalias() += s * (dy * m_u.middleRows(lo, len).transpose());
-    m_A.grad.middleRows(lo, len).noalias() += m_t.middleRows(lo, len) * m_x.transpose();
+    if (m_B.wants_grad()) m_B.grad.middleCols(lo, len).noalias() += s * (dy * m_u.middleRows(lo, len).transpose());
+    if (m_A.wants_grad()) m_A.grad.middleRows(lo, len).noalias() += m_t.middleRows(lo, len) * m_x.transpose();
     dx.noalias() += m_A.value.topRows(b).transpose() * m_t.topRows(b);
   }
 

@@ -169,12 +169,12 @@ class LoRA {
     m_base.backward(dy, dx);
     if (!branch_active()) return;
     const Scalar s = Scalar(scale());
-    m_B.grad.noalias() += s * (dy * m_u.transpose());
+    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
     // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
     m_t.noalias() = m_B.value.transpose() * dy;
     m_t *= s;
     if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
-    m_A.grad.noalias() += m_t * m_x.transpose();
+    if (m_A.wants_grad()) m_A.grad.noalias() += m_t * m_x.transpose();
     if (m_training && m_options.dropout > 0.0) {
       m_dx_branch.noalias() = m_A.value.transpose() * m_t;
       dx.array() += m_dx_branch.array() * m_mask.array();

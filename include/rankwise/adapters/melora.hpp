@@ -129,13 +129,15 @@ class MELoRA {
     const Index r = mini_rank(), di = in_features() / n(), dout = out_features() / n();
     const Scalar s = Scalar(scale());
     m_t.resize(equivalent_rank(), dy.cols());
+    const bool train_A = m_A.wants_grad(), train_B = m_B.wants_grad();
     for (Index i = 0; i < n(); ++i) {
       const Eigen::Block<const ConstRef<Scalar>> dy_i = dy.middleRows(i * dout, dout);
-      m_B.grad.middleCols(i * r, r).noalias() += s * (dy_i * m_u.middleRows(i * r, r).transpose());
+      if (train_B) m_B.grad.middleCols(i * r, r).noalias() += s * (dy_i * m_u.middleRows(i * r, r).transpose());
       // Scaled apart: at r_mini = 1 Eigen would copy a scaled operand to the heap.
       m_t.middleRows(i * r, r).noalias() = m_B.value.middleCols(i * r, r).transpose() * dy_i;
       m_t.middleRows(i * r, r) *= s;
-      m_A.grad.middleRows(i * r, r).noalias() += m_t.middleRows(i * r, r) * m_x.middleRows(i * di, di).transpose();
+      if (train_A)
+        m_A.grad.middleRows(i * r, r).noalias() += m_t.middleRows(i * r, r) * m_x.middleRows(i * di, di).transpose();
       dx.middleRows(i * di, di).noalias() += m_A.value.middleRows(i * r, r).transpose() * m_t.middleRows(i * r, r);
     }
   }

@@ -81,7 +81,7 @@ class RED {
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
     if (m_merged) return;
-    const bool keep = m_training && m_options.scaling;
+    const bool keep = m_training && m_scale.trainable;
     if (keep) m_h.resize(y.rows(), y.cols());
     // One pass over the output, column by column (contiguous), keeping h where backward needs it.
     for (Index j = 0; j < y.cols(); ++j) {
@@ -100,10 +100,13 @@ class RED {
       detail::fail("rankwise::RED", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
     // One pass over dy, column by column: both vector gradients and dL/dh = l_scale (.) dy.
+    const bool train_scale = m_scale.wants_grad(), train_bias = m_bias.wants_grad();
+    if (train_scale && m_h.cols() != dy.cols())
+      detail::fail<StateError>("rankwise::RED", "backward: the scaling was made trainable after its forward()");
     m_g.resize(dy.rows(), dy.cols());
     for (Index j = 0; j < dy.cols(); ++j) {
-      if (m_options.scaling) m_scale.grad.col(0).array() += dy.col(j).array() * m_h.col(j).array();
-      if (m_options.bias) m_bias.grad.col(0) += dy.col(j);
+      if (train_scale) m_scale.grad.col(0).array() += dy.col(j).array() * m_h.col(j).array();
+      if (train_bias) m_bias.grad.col(0) += dy.col(j);
       m_g.col(j).array() = dy.col(j).array() * m_scale.value.col(0).array();
     }
     m_base.backward(m_g, dx);
@@ -126,7 +129,7 @@ class RED {
 
   /// 2 out (out for an ablation).
   Index trainable_parameter_count() const {
-    return (m_options.scaling ? out_features() : 0) + (m_options.bias ? out_features() : 0);
+    return (m_scale.trainable ? out_features() : 0) + (m_bias.trainable ? out_features() : 0);
   }
 
   /// The change merge() makes to the weight: diag(l_scale) W - W (out x in).

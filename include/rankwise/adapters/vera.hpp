@@ -171,10 +171,10 @@ class VeRA {
       detail::fail("rankwise::VeRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
     m_base.backward(dy, dx);
-    m_b.grad.col(0) += (dy.array() * m_v.array()).rowwise().sum().matrix();
+    if (m_b.wants_grad()) m_b.grad.col(0) += (dy.array() * m_v.array()).rowwise().sum().matrix();
     m_g = (dy.array().colwise() * m_b.value.col(0).array()).matrix();     // lambda_b (.) dy
     m_q.noalias() = m_projections->B().topRows(out_features()).transpose() * m_g;  // dL/dQ, r x n
-    m_d.grad.col(0) += (m_q.array() * m_p.array()).rowwise().sum().matrix();
+    if (m_d.wants_grad()) m_d.grad.col(0) += (m_q.array() * m_p.array()).rowwise().sum().matrix();
     m_q.array().colwise() *= m_d.value.col(0).array();                    // dL/dP
     dx.noalias() += m_projections->A().leftCols(in_features()).transpose() * m_q;
   }

@@ -12,6 +12,7 @@
 /// and their state bit for bit as they were (no momentum, no weight decay, no step count).
 /// Docs: docs/concepts/layer.md
 
+#include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 
 #include <optional>
@@ -42,9 +43,26 @@ struct Parameter {
   bool is_vector = false;  ///< a 1-D tensor stored as a column
   std::optional<UpdateWindow> update_window = std::nullopt;  ///< unset: every slice is trained
 
-  /// grad = 0 with value's shape (allocates only when the shape changed).
-  void zero_grad() { grad.setZero(value.rows(), value.cols()); }
+  /// grad = 0 with value's shape (allocates only when the shape changed). A frozen parameter keeps no
+  /// gradient storage at all: its grad becomes empty, which is what frozen weights cost nothing for.
+  void zero_grad() {
+    if (trainable)
+      grad.setZero(value.rows(), value.cols());
+    else
+      grad.resize(0, 0);
+  }
   Index size() const { return value.size(); }
+
+  /// Whether backward() should accumulate into grad: true for a trainable parameter, whose grad must
+  /// then have value's shape (StateError otherwise: a parameter made trainable needs zero_grad()).
+  bool wants_grad() const {
+    if (!trainable) return false;
+    if (grad.rows() != value.rows() || grad.cols() != value.cols())
+      detail::fail<StateError>("rankwise::Parameter", "'", name, "' is trainable but its gradient is ", grad.rows(),
+                               " x ", grad.cols(), " instead of ", value.rows(), " x ", value.cols(),
+                               "; call zero_grad() after making it trainable or changing its shape");
+    return true;
+  }
 };
 
 /// How one parameter changed shape along `axis`: the old slices in `kept` survive, in that order,

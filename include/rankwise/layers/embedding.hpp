@@ -37,7 +37,10 @@ class Embedding {
 
   Index count() const { return m_weight.value.rows(); }
   Index dim() const { return m_weight.value.cols(); }
-  void set_trainable(bool trainable) { m_weight.trainable = trainable; }
+  void set_trainable(bool trainable) {
+    m_weight.trainable = trainable;
+    m_weight.zero_grad();
+  }
   void set_path(const std::string& path) { m_weight.name = path.empty() ? std::string("weight") : path + ".weight"; }
   Parameter<Scalar>& weight() { return m_weight; }
   void set_training(bool training) { m_training = training; }
@@ -62,7 +65,7 @@ class Embedding {
     if (dy.rows() != dim() || dy.cols() != Index(m_ids.size()))
       detail::fail("rankwise::Embedding", "backward: dy must be ", dim(), " x ", m_ids.size(), " (got ", dy.rows(),
                    " x ", dy.cols(), ")");
-    if (!m_weight.trainable) return;
+    if (!m_weight.wants_grad()) return;
     for (std::size_t t = 0; t < m_ids.size(); ++t) m_weight.grad.row(m_ids[t]) += dy.col(Index(t)).transpose();
   }
 

@@ -45,7 +45,10 @@ class LayerNorm {
   Index out_features() const { return m_gamma.value.rows(); }
   void set_training(bool training) { m_training = training; }
   bool is_training() const { return m_training; }
-  void set_trainable(bool trainable) { m_gamma.trainable = m_beta.trainable = trainable; }
+  void set_trainable(bool trainable) {
+    m_gamma.trainable = m_beta.trainable = trainable;
+    zero_grad();
+  }
   void set_path(const std::string& path) {
     m_gamma.name = path.empty() ? std::string("weight") : path + ".weight";
     m_beta.name = path.empty() ? std::string("bias") : path + ".bias";
@@ -79,10 +82,8 @@ class LayerNorm {
       detail::fail("rankwise::LayerNorm", "backward: dy must be ", in_features(), " x ", m_cached_cols, " (got ",
                    dy.rows(), " x ", dy.cols(), ")");
     const Index d = dy.rows(), n = dy.cols();
-    if (m_gamma.trainable) {
-      m_gamma.grad.col(0) += (dy.array() * m_xhat.array()).rowwise().sum().matrix();
-      m_beta.grad.col(0) += dy.rowwise().sum();
-    }
+    if (m_gamma.wants_grad()) m_gamma.grad.col(0) += (dy.array() * m_xhat.array()).rowwise().sum().matrix();
+    if (m_beta.wants_grad()) m_beta.grad.col(0) += dy.rowwise().sum();
     dx.resize(d, n);
     const Scalar inv_d = Scalar(1) / Scalar(d);
     for (Index t = 0; t < n; ++t) {

@@ -72,6 +72,7 @@ class Linear {
     m_weight.trainable = trainable;
     m_bias.trainable = trainable && m_has_bias;
     if (!trainable) m_x.resize(0, 0);
+    zero_grad();
   }
 
   const MatrixType& weight() const { return m_weight.value; }
@@ -104,21 +105,19 @@ class Linear {
 
   /// Requires forward() in training mode on the same batch. Accumulates dW, db; assigns dx = W^T dy.
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
-    check_backward(dy);
-    if (m_weight.trainable) {
-      m_weight.grad.noalias() += dy * m_x.transpose();
-      if (m_has_bias) m_bias.grad.col(0) += dy.rowwise().sum();
-    }
+    backward_parameters_only(dy);
     dx.noalias() = m_weight.value.transpose() * dy;
   }
 
   /// Like backward(), for callers that do not need dx (the first layer of a model).
   void backward_parameters_only(const ConstRef<Scalar>& dy) {
     check_backward(dy);
-    if (m_weight.trainable) {
+    if (m_weight.wants_grad()) {
+      if (m_x.cols() != dy.cols())
+        detail::fail<StateError>("rankwise::Linear", "backward: the layer was made trainable after its forward()");
       m_weight.grad.noalias() += dy * m_x.transpose();
-      if (m_has_bias) m_bias.grad.col(0) += dy.rowwise().sum();
     }
+    if (m_has_bias && m_bias.wants_grad()) m_bias.grad.col(0) += dy.rowwise().sum();
   }
 
   /// The weight and, when present, the bias (frozen ones included, flagged as such).
@@ -147,8 +146,8 @@ class Linear {
     if (m_has_bias) return;
     m_has_bias = true;
     m_bias.value.setZero(out_features(), 1);
-    m_bias.grad.setZero(out_features(), 1);
     m_bias.trainable = m_weight.trainable;
+    m_bias.zero_grad();
   }
 
   /// Replaces the bias (out entries); adds one when the layer had none.
