@@ -8,6 +8,9 @@
 #include <rankwise/adapters/red.hpp>
 #include <rankwise/adapters/vera.hpp>
 #include <rankwise/rank/dylora_sampler.hpp>
+#include <rankwise/layers/cross_entropy.hpp>
+#include <rankwise/models/injection.hpp>
+#include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
@@ -132,4 +135,36 @@ TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allo
     INFO("r_mini = " << mini_rank);
     CHECK(melora_count.calls == 0);
   }
+TEST_CASE("ToyTransformer + LoRA: a training step after the first does not allocate", "[alloc][models][toy_transformer]") {
+  Random rng(4);
+  rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
+                                        rng);
+  rankwise::InjectionOptions injection;
+  injection.all_linear = true;
+  injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0, .dropout = 0.1};
+  rankwise::inject_adapters(model, injection, rng);
+  std::vector<rankwise::Parameter<float>*> params = model.parameters();
+  rankwise::AdamW<float> opt(params, {});
+  rankwise::CrossEntropy<float> ce;
+  std::vector<std::int32_t> tokens(32), targets(32);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = std::int32_t(rng.uniform_int(0, 31));
+    targets[i] = i % 4 == 0 ? rankwise::ignore_index : std::int32_t(rng.uniform_int(0, 31));
+  }
+  Matrix<float> logits, dlogits;
+  const auto step = [&] {
+    model.zero_grad();
+    model.forward(tokens, 8, logits);
+    ce.forward(logits, targets);
+    ce.backward(dlogits);
+    model.backward(dlogits);
+    rankwise::clip_grad_norm(params, 1.0);
+    opt.step();
+  };
+  step();
+  rankwise::test_support::start_counting_allocations();
+  for (int i = 0; i < 3; ++i) step();
+  const auto count = rankwise::test_support::stop_counting_allocations();
+  INFO(count.calls << " allocations, " << count.bytes << " bytes");
+  CHECK(count.calls == 0);
 }

@@ -26,6 +26,7 @@
 #include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -143,8 +144,13 @@ class ToyTransformer {
     return params;
   }
 
+  /// Zeroes every gradient (without building a parameter list: a steady-state step allocates nothing).
   void zero_grad() {
-    for (Parameter<Scalar>* p : parameters()) p->zero_grad();
+    m_embed_tokens.zero_grad();
+    m_embed_positions.zero_grad();
+    for (Block& block : m_blocks) block.zero_grad();
+    m_norm.zero_grad();
+    m_lm_head.zero_grad();
   }
 
   void set_training(bool training) {
@@ -243,12 +249,18 @@ class ToyTransformer {
       gelu.set_training(training);
     }
 
+    void zero_grad() {
+      for (Slot* s : slots()) s->zero_grad();
+      attn_norm.zero_grad();
+      mlp_norm.zero_grad();
+    }
+
     void set_norms_trainable(bool trainable) {
       attn_norm.set_trainable(trainable);
       mlp_norm.set_trainable(trainable);
     }
 
-    std::vector<Slot*> slots() { return {&q_proj, &k_proj, &v_proj, &o_proj, &up_proj, &down_proj}; }
+    std::array<Slot*, 6> slots() { return {&q_proj, &k_proj, &v_proj, &o_proj, &up_proj, &down_proj}; }
 
     LayerNorm<Scalar> attn_norm;
     Slot q_proj, k_proj, v_proj, o_proj;
