@@ -97,16 +97,16 @@ double evaluate(Model& model, const rankwise::TaskGenerator& task, Index sequenc
   return right / double(sequences);
 }
 
-// [snippet: train_step]
 double train_step(Model& model, const rankwise::TokenBatch& data, rankwise::CrossEntropy<float>& loss_fn,
                   Matrix<float>& logits, Matrix<float>& dlogits) {
+  // [snippet: train_step]
   model.forward(data.tokens, data.seq_len, logits);
   const double loss = loss_fn.forward(logits, data.targets);
   loss_fn.backward(dlogits);
   model.backward(dlogits);
+  // [snippet: train_step]
   return loss;
 }
-// [snippet: train_step]
 
 void pretrain(Model& model, const Settings& s, const rankwise::TaskOptions& task_options) {
   const rankwise::TaskGenerator mixture(rankwise::TaskKind::Mixture, task_options);
