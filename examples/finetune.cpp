@@ -3,10 +3,6 @@
 // Run: build/examples/finetune [--adapter lora|dylora|erat|vera|red|melora|alora] [--task relabel|sort|add]
 //      (scripts/demo.sh runs it with no flags; --help lists everything)
 #include <rankwise/rankwise.hpp>
-#include <rankwise/models/injection.hpp>
-#include <rankwise/models/tasks.hpp>
-#include <rankwise/models/toy_transformer.hpp>
-#include <rankwise/layers/cross_entropy.hpp>
 
 #include <CLI/CLI.hpp>
 
@@ -44,6 +40,7 @@ struct Settings {
   std::string base_path;
   std::string output = "finetune_output";
   bool quiet = false;
+  bool small = false;  // a tiny model and short runs, for the test suite
 };
 
 double seconds_since(Clock::time_point start) {
@@ -153,12 +150,107 @@ rankwise::InjectionOptions injection_for(const Settings& s) {
   return o;
 }
 
+// What some adapters need around each step: DyLoRA's sampled rank, ERAT-DLoRA's windows, and the
+// rank allocator of ALoRA (AB-LoRA scores on a fixed validation batch, prune and reallocate).
+class RankHooks {
+ public:
+  RankHooks(const Settings& s, Model& model, const rankwise::Injection<float>& injection,
+            rankwise::AdamW<float>& optimizer, const rankwise::TaskGenerator& task, Random& rng)
+      : m_s(s), m_model(model), m_injection(injection) {
+    const Index layers = model.config().layers;
+    for (const auto& m : injection.modules) {
+      if (m.slot->kind() == "dylora" || m.slot->kind() == "erat") {
+        m_dylora.push_back(&m.slot->as<rankwise::DyLoRA<float>>());
+        m_depths.push_back(std::stol(m.path.substr(7, m.path.find('.', 7) - 7)));  // layers.{i}.
+      }
+    }
+    if (s.adapter == "dylora")
+      m_dylora_sampler.emplace(rankwise::DyLoRASamplerOptions{.min_rank = 1, .max_rank = s.rank}, rng);
+    if (s.adapter == "erat")
+      m_erat_sampler.emplace(rankwise::ERATSamplerOptions{.max_rank = s.rank, .min_rank = 1, .total_steps = s.steps,
+                                                          .num_layers = layers},
+                             rng);
+    if (s.adapter == "alora") {
+      Random validation_rng(0xA11C);
+      m_validation = task.sample(s.batch, validation_rng);
+      for (const auto& m : injection.modules)
+        m_modules.emplace_back(m.slot->as<rankwise::LoRA<float>>(), m.path);
+      m_ablation.emplace([this] { return validation_loss(); });
+      rankwise::RankAllocatorOptions options;
+      options.warmup_steps = s.steps / 5;                            // K1
+      options.rounds = 4;                                            // N_A
+      options.recovery_steps = std::max(1L, s.steps / 10);           // K2
+      options.total_steps = s.steps;
+      m_allocator.emplace(m_modules, *m_ablation, options, rng);
+      m_allocator->add_optimizer(optimizer);
+    }
+  }
+
+  void before_step(long step) {
+    if (m_dylora_sampler) {
+      const Index b = m_dylora_sampler->sample();  // one rank for the whole model
+      for (auto* a : m_dylora) a->set_active_rank(b);
+    }
+    if (m_erat_sampler) {
+      m_erat_sampler->sample_step(step, m_depths, m_windows);  // a window per module
+      for (std::size_t i = 0; i < m_dylora.size(); ++i) m_dylora[i]->set_window(m_windows[i].lo, m_windows[i].b);
+    }
+  }
+
+  void after_step() {
+    if (m_allocator) m_allocator->step();
+  }
+
+  // Evaluation uses every rank a module may use at the end of training.
+  void finish() {
+    for (std::size_t i = 0; i < m_dylora.size(); ++i) {
+      const Index b = m_erat_sampler ? m_erat_sampler->depth_bound(m_depths[i]) : m_dylora[i]->max_rank();
+      m_dylora[i]->set_active_rank(b);
+    }
+    if (m_allocator && m_allocator->finish() != rankwise::Status::Ok)
+      std::printf("warning: %s\n", m_allocator->message().c_str());
+  }
+
+  void report() const {
+    if (m_allocator) std::printf("\nfinal ranks per module (ALoRA, AB-LoRA scores)\n%s\n", m_allocator->format_table().c_str());
+  }
+
+ private:
+  // The validation loss in eval mode, on one fixed batch.
+  double validation_loss() {
+    m_model.set_training(false);
+    m_model.forward(m_validation.tokens, m_validation.seq_len, m_logits);
+    m_model.set_training(true);
+    return m_loss.forward(m_logits, m_validation.targets);
+  }
+
+  const Settings& m_s;
+  Model& m_model;
+  const rankwise::Injection<float>& m_injection;
+  std::vector<rankwise::DyLoRA<float>*> m_dylora;
+  std::vector<Index> m_depths;
+  std::vector<rankwise::RankWindow> m_windows;
+  std::optional<rankwise::DyLoRASampler> m_dylora_sampler;
+  std::optional<rankwise::ERATSampler> m_erat_sampler;
+  rankwise::TokenBatch m_validation;
+  rankwise::CrossEntropy<float> m_loss;
+  Matrix<float> m_logits;
+  std::vector<rankwise::RankModule<float>> m_modules;
+  std::optional<rankwise::AblationImportance<float>> m_ablation;
+  std::optional<rankwise::RankAllocator<float>> m_allocator;
+};
+
 int run(const Settings& s) {
   Eigen::setNbThreads(s.threads);
   const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
                                            .max_length = 8, .max_digits = 4};
-  const rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = 128, .heads = 4, .layers = 4, .d_ff = 512,
-                                              .max_seq_len = task_options.seq_len};
+  rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = 128, .heads = 4, .layers = 4, .d_ff = 512,
+                                        .max_seq_len = task_options.seq_len};
+  if (s.small) {
+    config.d_model = 32;
+    config.layers = 2;
+    config.d_ff = 64;
+  }
   const rankwise::TaskGenerator task(rankwise::task_kind_from_name(s.task), task_options);
   Random rng(s.seed);
   Model model(config, rng);
@@ -170,10 +262,11 @@ int run(const Settings& s) {
 
   // [snippet: inject]
   rankwise::InjectionOptions injection = injection_for(s);
-  rankwise::inject_adapters(model, injection, rng);
+  const rankwise::Injection<float> adapters = rankwise::inject_adapters(model, injection, rng);
   std::vector<rankwise::Parameter<float>*> params = model.parameters();
   rankwise::AdamW<float> optimizer(params, {.lr = s.lr, .weight_decay = 0.0});
   // [snippet: inject]
+  RankHooks hooks(s, model, adapters, optimizer, task, rng);
   const rankwise::ParameterSummary summary = rankwise::summarize_parameters(model);
   std::printf("%s on %s: %s\n", s.adapter.c_str(), s.targets.c_str(), summary.to_string().c_str());
 
@@ -188,16 +281,19 @@ int run(const Settings& s) {
   const auto tune_start = Clock::now();
   for (long step = 0; step < s.steps; ++step) {
     const rankwise::TokenBatch data = task.sample(s.batch, data_rng);
+    hooks.before_step(step);
     model.zero_grad();
     const double loss = train_step(model, data, loss_fn, logits, dlogits);
     rankwise::clip_grad_norm(params, 1.0);
     optimizer.set_lr_factor(schedule.factor(step));
     optimizer.step();
+    hooks.after_step();
     curve << step << ',' << loss << ',' << schedule.factor(step) << '\n';
     const double elapsed = seconds_since(tune_start);
     progress.update(step, loss, double((step + 1) * s.batch * task_options.seq_len) / elapsed, elapsed);
   }
   const double tune_seconds = seconds_since(tune_start);
+  hooks.finish();
   const double after = evaluate(model, task, s.eval_sequences, s.batch);
 
   std::printf("\nsummary\n");
@@ -210,7 +306,8 @@ int run(const Settings& s) {
   std::printf("  time               pre-train %.1f s, fine-tune %.1f s (%.1f ms/step)\n", pretrain_seconds, tune_seconds,
               1e3 * tune_seconds / double(std::max(1L, s.steps)));
   std::printf("  loss curve         %s\n", (std::filesystem::path(s.output) / "loss_curve.csv").c_str());
-  return 0;
+  hooks.report();
+  return after > before ? 0 : 1;
 }
 }  // namespace
 
@@ -228,10 +325,19 @@ int main(int argc, char** argv) {
   app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
   app.add_option("--output", s.output, "directory for the adapter and the loss curve")->capture_default_str();
   app.add_flag("--quiet", s.quiet, "no progress display");
+  app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences for the accuracy")->capture_default_str();
+  app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
   app.add_option("--pretrain-steps", s.pretrain_steps, "pre-training steps")->capture_default_str();
   app.add_option("--seed", s.seed, "seed of everything random")->capture_default_str();
   app.add_option("--threads", s.threads, "threads for the matrix products")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (s.small) {
+    s.pretrain_steps = std::min(s.pretrain_steps, 60L);
+    s.steps = std::min(s.steps, 40L);
+    s.batch = std::min<Index>(s.batch, 16);
+    s.eval_sequences = std::min<Index>(s.eval_sequences, 64);
+    s.rank = std::min<Index>(s.rank, 4);
+  }
   try {
     return run(s);
   } catch (const rankwise::Error& e) {

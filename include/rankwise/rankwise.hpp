@@ -20,7 +20,9 @@
 #include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
 
+#include <rankwise/models/injection.hpp>
 #include <rankwise/models/tasks.hpp>
+#include <rankwise/models/toy_transformer.hpp>
 
 #include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/adapters/dylora.hpp>

@@ -135,6 +135,8 @@ TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allo
     INFO("r_mini = " << mini_rank);
     CHECK(melora_count.calls == 0);
   }
+}
+
 TEST_CASE("ToyTransformer + LoRA: a training step after the first does not allocate", "[alloc][models][toy_transformer]") {
   Random rng(4);
   rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
