@@ -5,6 +5,7 @@
 #include <rankwise/adapters/lora_export.hpp>
 #include <rankwise/core/memory.hpp>
 #include <rankwise/optim/adamw.hpp>
+#include <rankwise/rank/module.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
@@ -212,6 +213,11 @@ TEST_CASE("AnyLinear: a rank allocator reaches LoRA's ranks without knowing its 
   CHECK(removed.changes.front().parameter == "layers.0.attn.q_proj.lora_A.weight");
   ranks->add_ranks(1, rng);
   CHECK(slot.as<rankwise::LoRA<double>>().rank() == 3);
+  // The allocator's own handle is built from the typed access of whoever created the slot.
+  rankwise::RankModule<double> module(slot.as<rankwise::LoRA<double>>(), "layers.0.attn.q_proj");
+  CHECK(module.rank() == 3);
+  module.set_gate(0, 0.5);
+  CHECK(ranks->gate(0) == 0.5);
   // Other kinds have none.
   const auto context = context_for<double>(10, 10, rng);
   for (const std::string name : {"linear", "dylora", "vera", "red", "melora"}) {
