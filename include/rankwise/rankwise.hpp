@@ -8,6 +8,7 @@
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
+#include <rankwise/core/memory.hpp>
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
@@ -19,9 +20,21 @@
 #include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
 
+#include <rankwise/models/injection.hpp>
 #include <rankwise/models/tasks.hpp>
+#include <rankwise/models/toy_transformer.hpp>
 
+#include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/dylora.hpp>
+#include <rankwise/adapters/factory.hpp>
 #include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/melora.hpp>
+#include <rankwise/adapters/red.hpp>
+#include <rankwise/adapters/vera.hpp>
+
+#include <rankwise/rank/dylora_sampler.hpp>
+#include <rankwise/rank/erat_sampler.hpp>
 
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
@@ -29,6 +42,10 @@
 #include <rankwise/optim/lr_schedule.hpp>
 #include <rankwise/optim/optimizer.hpp>
 #include <rankwise/optim/sgd.hpp>
+
+#include <rankwise/rank/allocator.hpp>
+#include <rankwise/rank/importance.hpp>
+#include <rankwise/rank/module.hpp>
 
 #include <rankwise/io/atomic_file.hpp>
 #include <rankwise/io/checkpoint.hpp>

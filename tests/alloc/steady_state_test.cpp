@@ -2,7 +2,15 @@
 // Sizes are kept below Eigen's stack-allocation limit (128 KiB) for GEMM packing buffers, so any
 // allocation counted here is rankwise's own. (Larger products make Eigen allocate its packing
 // buffers; benchmarks/lora_layer reports those.)
+#include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/melora.hpp>
+#include <rankwise/adapters/red.hpp>
+#include <rankwise/adapters/vera.hpp>
+#include <rankwise/rank/dylora_sampler.hpp>
+#include <rankwise/layers/cross_entropy.hpp>
+#include <rankwise/models/injection.hpp>
+#include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
@@ -13,6 +21,7 @@
 
 #include <catch2/catch.hpp>
 
+using rankwise::Index;
 using rankwise::Matrix;
 using rankwise::Random;
 using rankwise::test_support::random_matrix;
@@ -52,6 +61,9 @@ TEST_CASE("LoRA + AdamW: a steady-state training step does not allocate", "[allo
   Random rng(1);
   for (double dropout : {0.0, 0.1}) {
     rankwise::LoRA<float> lora(rankwise::Linear<float>(64, 48, rng), {.rank = 8, .dropout = dropout}, rng);
+    rankwise::LoRA<float> rank_one(rankwise::Linear<float>(64, 48, rng), {.rank = 1, .dropout = dropout}, rng);
+    rankwise::AdamW<float> rank_one_opt(rank_one.parameters(), {});
+    CHECK(count_steady_state(rank_one, rank_one_opt, rng).calls == 0);  // rank-1 products take other paths
     lora.set_gate(2, 0.5);
     rankwise::AdamW<float> opt(lora.parameters(), {});
     const auto count = count_steady_state(lora, opt, rng);
@@ -78,5 +90,83 @@ TEST_CASE("LoRA after surgery: steady state again after one warm-up step", "[all
   opt.follow(lora.remove_ranks(gone));
   opt.follow(lora.add_ranks(2, rng));
   const auto count = count_steady_state(lora, opt, rng);
+  CHECK(count.calls == 0);
+}
+
+TEST_CASE("DyLoRA + AdamW: a step at a freshly sampled rank does not allocate", "[alloc][adapters][dylora]") {
+  Random rng(4);
+  for (const bool frozen : {true, false}) {
+    rankwise::DyLoRA<float> dylora(rankwise::Linear<float>(64, 48, rng), {.max_rank = 8, .frozen = frozen}, rng);
+    rankwise::DyLoRASampler sampler({.max_rank = 8}, rng);
+    rankwise::AdamW<float> opt(dylora.parameters(), {.weight_decay = 0.1});
+    const Matrix<float> x = random_matrix<float>(64, 32, rng), dy = random_matrix<float>(48, 32, rng);
+    Matrix<float> y, dx;
+    const auto step = [&] {
+      dylora.set_active_rank(sampler.sample());
+      dylora.zero_grad();
+      dylora.forward(x, y);
+      dylora.backward(dy, dx);
+      opt.step();
+    };
+    for (int i = 0; i < 3; ++i) step();
+    rankwise::test_support::start_counting_allocations();
+    for (int i = 0; i < 8; ++i) step();
+    const auto count = rankwise::test_support::stop_counting_allocations();
+    INFO((frozen ? "frozen: " : "non-frozen: ") << count.calls << " allocations, " << count.bytes << " bytes");
+    CHECK(count.calls == 0);
+  }
+}
+
+TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allocate", "[alloc][adapters]") {
+  Random rng(5);
+  auto bank = rankwise::VeRAProjections<float>::make(32, 64, 64, rng);
+  rankwise::VeRA<float> vera(rankwise::Linear<float>(64, 48, rng), bank);
+  rankwise::AdamW<float> vera_opt(vera.parameters(), {});
+  const auto vera_count = count_steady_state(vera, vera_opt, rng);
+  CHECK(vera_count.calls == 0);
+  rankwise::RED<float> red(rankwise::Linear<float>(64, 48, rng));
+  rankwise::AdamW<float> red_opt(red.parameters(), {});
+  const auto red_count = count_steady_state(red, red_opt, rng);
+  CHECK(red_count.calls == 0);
+  for (const Index mini_rank : {1, 2}) {  // rank-1 products take other paths inside Eigen
+    rankwise::MELoRA<float> melora(rankwise::Linear<float>(64, 48, rng), {.n = 4, .mini_rank = mini_rank}, rng);
+    rankwise::AdamW<float> melora_opt(melora.parameters(), {});
+    const auto melora_count = count_steady_state(melora, melora_opt, rng);
+    INFO("r_mini = " << mini_rank);
+    CHECK(melora_count.calls == 0);
+  }
+}
+
+TEST_CASE("ToyTransformer + LoRA: a training step after the first does not allocate", "[alloc][models][toy_transformer]") {
+  Random rng(4);
+  rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
+                                        rng);
+  rankwise::InjectionOptions injection;
+  injection.all_linear = true;
+  injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0, .dropout = 0.1};
+  rankwise::inject_adapters(model, injection, rng);
+  std::vector<rankwise::Parameter<float>*> params = model.parameters();
+  rankwise::AdamW<float> opt(params, {});
+  rankwise::CrossEntropy<float> ce;
+  std::vector<std::int32_t> tokens(32), targets(32);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = std::int32_t(rng.uniform_int(0, 31));
+    targets[i] = i % 4 == 0 ? rankwise::ignore_index : std::int32_t(rng.uniform_int(0, 31));
+  }
+  Matrix<float> logits, dlogits;
+  const auto step = [&] {
+    model.zero_grad();
+    model.forward(tokens, 8, logits);
+    ce.forward(logits, targets);
+    ce.backward(dlogits);
+    model.backward(dlogits);
+    rankwise::clip_grad_norm(params, 1.0);
+    opt.step();
+  };
+  step();
+  rankwise::test_support::start_counting_allocations();
+  for (int i = 0; i < 3; ++i) step();
+  const auto count = rankwise::test_support::stop_counting_allocations();
+  INFO(count.calls << " allocations, " << count.bytes << " bytes");
   CHECK(count.calls == 0);
 }

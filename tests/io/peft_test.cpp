@@ -278,7 +278,7 @@ TEST_CASE("save_peft_adapter: FoldIntoB writes one alpha that llama.cpp's rule a
   }
 }
 
-TEST_CASE("save_peft_adapter: gates are folded into B, F16 on request", "[io][peft]") {
+TEST_CASE("save_peft_adapter: gates are folded into the factors, F16 on request", "[io][peft]") {
   TempDir dir("peft_gates");
   Random rng(4);
   Model model = make_model(rng);

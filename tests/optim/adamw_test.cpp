@@ -130,6 +130,61 @@ TEST_CASE("AdamW: state follows rank surgery (remove {1, 3} of 8, then add 2)", 
   CHECK(opt.state_of("m.lora_A.weight")->steps(0) == 4.0);
 }
 
+TEST_CASE("AdamW: slices outside the update window keep value and state bit for bit", "[optim][adamw]") {
+  Random rng(7);
+  // Rows of A and columns of B, as DyLoRA's frozen components, with momentum and weight decay on.
+  Parameter<double> A = make_parameter("A", 6, 4, rng), B = make_parameter("B", 5, 6, rng);
+  AdamW<double> opt(std::vector<Parameter<double>*>{&A, &B}, {.lr = 1e-2, .weight_decay = 0.1});
+  opt.step();  // every slice has momentum now
+  for (const auto& [lo, b] : std::vector<std::pair<Index, Index>>{{2, 3}, {0, 4}, {5, 6}}) {
+    A.grad = random_matrix<double>(6, 4, rng);  // non-zero gradients outside too: they must be ignored
+    B.grad = random_matrix<double>(5, 6, rng);
+    A.update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, lo, b};
+    B.update_window = rankwise::UpdateWindow{rankwise::Axis::Cols, lo, b};
+    const Matrix<double> A0 = A.value, B0 = B.value;
+    const Matrix<double> mA = opt.state_of("A")->m, vA = opt.state_of("A")->v, mB = opt.state_of("B")->m;
+    const Eigen::ArrayXd tA = opt.state_of("A")->steps;
+    opt.step();
+    for (Index i = 0; i < 6; ++i) {
+      const bool inside = i >= lo && i < b;
+      INFO("window [" << lo << ", " << b << "), slice " << i);
+      CHECK((A.value.row(i) == A0.row(i)) == !inside);
+      CHECK((opt.state_of("A")->m.row(i) == mA.row(i)) == !inside);
+      CHECK((opt.state_of("A")->v.row(i) == vA.row(i)) == !inside);
+      CHECK(opt.state_of("A")->steps(i) == tA(i) + (inside ? 1.0 : 0.0));
+      CHECK((B.value.col(i) == B0.col(i)) == !inside);
+      CHECK((opt.state_of("B")->m.col(i) == mB.col(i)) == !inside);
+    }
+  }
+  // Inside the window the step is AdamW's with the slice's own t: a slice trained once before (t = 2).
+  A.update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 5, 6};
+  A.grad = random_matrix<double>(6, 4, rng);
+  const Matrix<double> A0 = A.value, m0 = opt.state_of("A")->m, v0 = opt.state_of("A")->v;
+  REQUIRE(opt.state_of("A")->steps(5) == 2.0);
+  opt.step();
+  const double lr = 1e-2, t = 3.0;
+  for (Index c = 0; c < 4; ++c) {
+    const double m = 0.9 * m0(5, c) + 0.1 * A.grad(5, c);
+    const double v = 0.999 * v0(5, c) + 0.001 * A.grad(5, c) * A.grad(5, c);
+    const double expected = A0(5, c) * (1 - lr * 0.1) -
+                            lr * (m / (1 - std::pow(0.9, t))) / (std::sqrt(v / (1 - std::pow(0.999, t))) + 1e-8);
+    CHECK(A.value(5, c) == Approx(expected).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("AdamW: an update window outside the parameter is refused", "[optim][adamw][errors]") {
+  Random rng(8);
+  Parameter<double> A = make_parameter("A", 3, 2, rng);
+  AdamW<double> opt(std::vector<Parameter<double>*>{&A}, {});
+  A.update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 1, 4};
+  CHECK_THROWS_WITH(opt.step(), Catch::Contains("[rankwise::AdamW]") && Catch::Contains("<= 3 (got [1, 4))"));
+  // After windows along rows have made step counts differ, a window along columns cannot follow.
+  A.update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 0, 1};
+  opt.step();
+  A.update_window = rankwise::UpdateWindow{rankwise::Axis::Cols, 0, 1};
+  CHECK_THROWS_AS(opt.step(), rankwise::StateError);
+}
+
 TEST_CASE("AdamW: a step after surgery that was not followed is refused", "[optim][adamw][errors]") {
   Random rng(5);
   rankwise::LoRA<float> lora(rankwise::Linear<float>(6, 6, rng), {.rank = 3}, rng);

@@ -60,6 +60,33 @@ TEST_CASE("SGD: momentum follows rank surgery", "[optim][sgd]") {
   CHECK(w.row(2).isZero(0.0));
 }
 
+TEST_CASE("SGD: slices outside the update window keep value and momentum bit for bit", "[optim][sgd]") {
+  Random rng(3);
+  for (const bool nesterov : {false, true}) {
+    Parameter<double> B{"B", random_matrix<double>(4, 5, rng), random_matrix<double>(4, 5, rng), true, false};
+    SGD<double> opt({&B}, {.lr = 0.1, .momentum = 0.9, .weight_decay = 0.05, .nesterov = nesterov});
+    opt.step();
+    B.update_window = rankwise::UpdateWindow{rankwise::Axis::Cols, 1, 3};
+    B.grad = random_matrix<double>(4, 5, rng);
+    const Matrix<double> B0 = B.value, v0 = *opt.velocity_of("B");
+    opt.step();
+    for (Index j = 0; j < 5; ++j) {
+      const bool inside = j >= 1 && j < 3;
+      CHECK((B.value.col(j) == B0.col(j)) == !inside);
+      CHECK((opt.velocity_of("B")->col(j) == v0.col(j)) == !inside);
+    }
+    const Matrix<double> v_expected = 0.9 * v0.col(1) + (B.grad.col(1) + 0.05 * B0.col(1));
+    CHECK_THAT(Matrix<double>(opt.velocity_of("B")->col(1)), is_close_to(v_expected, 1e-14, 1e-14));
+  }
+  Parameter<double> plain{"p", Matrix<double>::Ones(2, 2), Matrix<double>::Ones(2, 2), true, false};
+  plain.update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 1, 1};  // an empty window trains nothing
+  SGD<double> opt({&plain}, {.lr = 0.1, .weight_decay = 0.1});
+  opt.step();
+  CHECK(plain.value == Matrix<double>::Ones(2, 2));
+  plain.update_window = rankwise::UpdateWindow{rankwise::Axis::Cols, -1, 1};
+  CHECK_THROWS_WITH(opt.step(), Catch::Contains("[rankwise::SGD]") && Catch::Contains("update window of 'p'"));
+}
+
 TEST_CASE("SGD: invalid options are rejected", "[optim][sgd][errors]") {
   Parameter<float> p{"p", Matrix<float>::Ones(1, 1), Matrix<float>::Zero(1, 1), true, false};
   CHECK_THROWS_WITH(SGD<float>({&p}, {.lr = 0.0}), Catch::Contains("[rankwise::SGD] lr must be"));

@@ -58,3 +58,47 @@ TEST_CASE("check_gradients: a correct layer passes, a wrong one fails where it i
   CHECK(bad_bias.max_error > 0.1);
   CHECK_THAT(bad_bias.worst, Catch::StartsWith("bias"));
 }
+
+namespace {
+// Detaches row 0 of its weight, as DyLoRA detaches its frozen components: that row's gradient is zero.
+class DetachingLinear {
+ public:
+  using Scalar = double;
+  explicit DetachingLinear(Random& rng) : m_inner(3, 2, rng) {
+    m_inner.weight_parameter().update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 1, 2};
+  }
+  Index in_features() const { return 3; }
+  Index out_features() const { return 2; }
+  void forward(const rankwise::ConstRef<double>& x, Matrix<double>& y) { m_inner.forward(x, y); }
+  void backward(const rankwise::ConstRef<double>& dy, Matrix<double>& dx) {
+    const Matrix<double> before = m_inner.weight_parameter().grad.row(0);
+    m_inner.backward(dy, dx);
+    m_inner.weight_parameter().grad.row(0) = before;  // nothing accumulates into the detached row
+  }
+  std::vector<rankwise::Parameter<double>*> parameters() { return m_inner.parameters(); }
+  void set_training(bool t) { m_inner.set_training(t); }
+  bool is_training() const { return m_inner.is_training(); }
+  void zero_grad() { m_inner.zero_grad(); }
+  rankwise::Linear<double>& inner() { return m_inner; }
+
+ private:
+  rankwise::Linear<double> m_inner;
+};
+}  // namespace
+
+TEST_CASE("check_gradients: slices outside an update window must have a zero gradient", "[testing][gradcheck]") {
+  Random rng(2);
+  const Matrix<double> x = rankwise::test_support::random_matrix<double>(3, 4, rng);
+  DetachingLinear detaching(rng);
+  const auto ok = rankwise::testing::check_gradients(detaching, x, rng);
+  INFO(ok.worst);
+  CHECK(ok.max_error < 1e-7);
+  CHECK(ok.checked_values == 3 * 4 + 3 * 2 + 2);
+
+  // A plain Linear with the same window still writes row 0's true (non-zero) gradient: caught.
+  rankwise::Linear<double> layer(3, 2, rng);
+  layer.weight_parameter().update_window = rankwise::UpdateWindow{rankwise::Axis::Rows, 1, 2};
+  const auto leaking = rankwise::testing::check_gradients(layer, x, rng);
+  CHECK(leaking.max_error > 1e-3);
+  CHECK_THAT(leaking.worst, Catch::StartsWith("weight(0,"));
+}

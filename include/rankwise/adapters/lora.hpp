@@ -212,7 +212,9 @@ class LoRA {
     if (!branch_active()) return;
     const Scalar s = Scalar(scale());
     if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
-    m_t.noalias() = s * (m_B.value.transpose() * dy);  // r x n: dL/d(gated U)
+    // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
+    m_t.noalias() = m_B.value.transpose() * dy;
+    m_t *= s;
     if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
     if (m_A.wants_grad()) m_A.grad.noalias() += m_t * m_x.transpose();
     if (m_training && m_options.dropout > 0.0) {

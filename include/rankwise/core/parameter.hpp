@@ -7,15 +7,30 @@
 /// Vectors (biases, scale vectors) are stored as `n x 1` matrices with `is_vector` set; files
 /// store them as 1-D tensors. `name` is the full key of the tensor inside its model, e.g.
 /// "layers.0.attn.q_proj.lora_A.weight"; optimizer state is keyed by it, never by address.
+/// An update window marks the only slices a step trains (DyLoRA's frozen components, ERAT's
+/// window): backward leaves the other slices' gradient at zero, and optimizers leave their values
+/// and their state bit for bit as they were (no momentum, no weight decay, no step count).
 /// Docs: docs/concepts/layer.md
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace rankwise {
+
+/// Which axis of a parameter a rank change (or an update window) slices: A's rows, B's columns.
+enum class Axis { Rows, Cols };
+
+/// The slices [begin, end) along `axis` that the next optimizer steps may change; the others are
+/// frozen for now. begin == end trains nothing.
+struct UpdateWindow {
+  Axis axis = Axis::Rows;
+  Index begin = 0;
+  Index end = 0;
+};
 
 template <FloatScalar Scalar_>
 struct Parameter {
@@ -26,6 +41,7 @@ struct Parameter {
   Matrix<Scalar> grad;  ///< same shape as value; backward() accumulates into it
   bool trainable = true;
   bool is_vector = false;  ///< a 1-D tensor stored as a column
+  std::optional<UpdateWindow> update_window = std::nullopt;  ///< unset: every slice is trained
 
   /// grad = 0 with value's shape (allocates only when the shape changed). A frozen parameter keeps no
   /// gradient storage at all: its grad becomes empty, which is what frozen weights cost nothing for.
@@ -48,9 +64,6 @@ struct Parameter {
     return true;
   }
 };
-
-/// Which axis of a parameter a rank change slices: A's rows, B's columns.
-enum class Axis { Rows, Cols };
 
 /// How one parameter changed shape along `axis`: the old slices in `kept` survive, in that order,
 /// then `added` fresh slices follow. Optimizers keep the state of kept slices and start added ones

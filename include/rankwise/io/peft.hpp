@@ -11,10 +11,11 @@
 /// keeps s = alpha / r0 through rank surgery, so a module saved at rank r_m carries alpha_m = s r_m
 /// (s sqrt(r_m)), chosen to the last bit so that alpha_m / r_m gives back s exactly. llama.cpp reads a
 /// single lora_alpha; PeftAlpha::FoldIntoB writes one alpha and folds each module's ratio into B.
-/// Every adapter kind that reduces exactly to a plain LoRA plugs in through one function,
-/// lora_factors(adapter) -> LoRAFactors. Docs: docs/io/peft-interop.md
+/// Every adapter kind that reduces exactly to a plain LoRA plugs in through lora_factors(adapter)
+/// -> LoRAFactors (adapters/lora_export.hpp). Docs: docs/io/peft-interop.md
 
 #include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/lora_export.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 #include <rankwise/io/atomic_file.hpp>
@@ -34,30 +35,21 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace rankwise {
 
-/// A plain low-rank update Delta W = scale * B A (A: r x in, B: out x r): what every exportable
-/// adapter reduces to, and what a PEFT LoRA module holds.
-template <FloatScalar Scalar_>
-struct LoRAFactors {
-  using Scalar = Scalar_;
-  Matrix<Scalar> A;
-  Matrix<Scalar> B;
-  double scale = 1.0;
-  bool use_rslora = false;  ///< the adapter uses rsLoRA (alpha / sqrt(r)); only a naming choice for alpha
-  double dropout = 0.0;     ///< recorded in the config (lora_dropout)
-  LoRAInit init = LoRAInit::KaimingUniform;
-  Index rank() const { return A.rows(); }
-};
-
-/// One module of a PEFT LoRA adapter.
+/// One module of a PEFT LoRA adapter: its path, its factors (adapters/lora_export.hpp) and what the
+/// config records about it.
 template <FloatScalar Scalar>
 struct PeftLoRAModule {
   std::string path;
   LoRAFactors<Scalar> factors;
+  bool use_rslora = false;  ///< write alpha as scale * sqrt(r) (a LoRA that uses rsLoRA)
+  double dropout = 0.0;     ///< lora_dropout
+  LoRAInit init = LoRAInit::KaimingUniform;
 };
 
 /// A PEFT LoRA directory as read: its config and its modules (sorted by path), each with the scale
@@ -85,18 +77,20 @@ struct PeftSaveOptions {
   bool durable = true;  ///< fsync the files (false: still atomic, but a power loss may lose the save)
 };
 
-/// A LoRA as plain factors: gates other than 1 are folded into B's columns (exact: B diag(g)).
+/// The PEFT module of any adapter with an exact plain-LoRA form (lora_factors(adapter), found by
+/// argument-dependent lookup: LoRA, DyLoRA at its active rank, VeRA, MELoRA, ...).
+template <typename AdapterType>
+  requires requires(const AdapterType& a) { lora_factors(a); }
+auto peft_lora_module(std::string path, const AdapterType& adapter) {
+  using Factors = std::remove_cvref_t<decltype(lora_factors(adapter))>;
+  using Scalar = typename decltype(Factors::A)::Scalar;
+  return PeftLoRAModule<Scalar>{std::move(path), lora_factors(adapter)};
+}
+
+/// A LoRA also records its rsLoRA flag, dropout and initialisation in the config.
 template <FloatScalar Scalar, typename Base>
-LoRAFactors<Scalar> lora_factors(const LoRA<Scalar, Base>& lora) {
-  LoRAFactors<Scalar> f;
-  f.A = lora.A();
-  f.B = lora.B();
-  if (!(lora.gates().array() == Scalar(1)).all()) f.B = f.B * lora.gates().asDiagonal();
-  f.scale = lora.scale();
-  f.use_rslora = lora.options().use_rslora;
-  f.dropout = lora.options().dropout;
-  f.init = lora.options().init;
-  return f;
+PeftLoRAModule<Scalar> peft_lora_module(std::string path, const LoRA<Scalar, Base>& lora) {
+  return {std::move(path), lora_factors(lora), lora.options().use_rslora, lora.options().dropout, lora.options().init};
 }
 
 namespace detail {
@@ -340,13 +334,13 @@ PeftConfig save_peft_lora(const std::filesystem::path& dir, const std::vector<Pe
 
   // Scales become alphas; the most common rank and alpha become r and lora_alpha.
   bool use_rslora = options.alpha == PeftAlpha::Pattern;
-  for (const auto* m : saved) use_rslora = use_rslora && m->factors.use_rslora;
+  for (const auto* m : saved) use_rslora = use_rslora && m->use_rslora;
   std::vector<Index> ranks;
   std::vector<double> alphas, dropouts;
   for (const auto* m : saved) {
     ranks.push_back(m->factors.rank());
     alphas.push_back(detail::peft_alpha_for_scale(m->factors.scale, m->factors.rank(), use_rslora));
-    dropouts.push_back(m->factors.dropout);
+    dropouts.push_back(m->dropout);
   }
   PeftConfig config;
   config.peft_type = "LORA";
@@ -356,7 +350,7 @@ PeftConfig save_peft_lora(const std::filesystem::path& dir, const std::vector<Pe
   config.lora_dropout = detail::most_frequent(dropouts);
   config.inference_mode = true;
   bool all_gaussian = true;
-  for (const auto* m : saved) all_gaussian = all_gaussian && m->factors.init == LoRAInit::Gaussian;
+  for (const auto* m : saved) all_gaussian = all_gaussian && m->init == LoRAInit::Gaussian;
   config.init_lora_weights = all_gaussian ? "gaussian" : "true";
   if (!options.base_model_name_or_path.empty()) config.base_model_name_or_path = options.base_model_name_or_path;
   if (!options.task_type.empty()) config.task_type = options.task_type;
@@ -433,11 +427,10 @@ template <typename AdapterType>
 PeftConfig save_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<AdapterType>>& modules,
                              const PeftSaveOptions& options = {}) {
   detail::check_named_adapters("rankwise::save_peft_adapter", modules);
-  using Factors = decltype(lora_factors(*modules.front().adapter));
-  using Scalar = typename Factors::Scalar;
-  std::vector<PeftLoRAModule<Scalar>> plain;
+  using Module = decltype(peft_lora_module(std::string(), *modules.front().adapter));
+  std::vector<Module> plain;
   plain.reserve(modules.size());
-  for (const NamedAdapter<AdapterType>& m : modules) plain.push_back({m.path, lora_factors(*m.adapter)});
+  for (const NamedAdapter<AdapterType>& m : modules) plain.push_back(peft_lora_module(m.path, *m.adapter));
   return save_peft_lora(dir, plain, options);
 }
 
@@ -458,11 +451,11 @@ PeftLoRAAdapter<Scalar> read_peft_lora(const std::filesystem::path& dir) {
     m.path = path;
     m.factors.A = index.reader.template matrix<Scalar>(detail::peft_key(path, 'A'));
     m.factors.B = index.reader.template matrix<Scalar>(detail::peft_key(path, 'B'));
-    m.factors.use_rslora = index.config.use_rslora;
     m.factors.scale = detail::loaded_scale(
         detail::peft_scale(peft_alpha_for(index.config, path, label), rank, index.config.use_rslora), exact, path);
-    m.factors.dropout = index.config.lora_dropout;
-    m.factors.init = index.config.init_lora_weights == "gaussian" ? LoRAInit::Gaussian : LoRAInit::KaimingUniform;
+    m.use_rslora = index.config.use_rslora;
+    m.dropout = index.config.lora_dropout;
+    m.init = index.config.init_lora_weights == "gaussian" ? LoRAInit::Gaussian : LoRAInit::KaimingUniform;
     out.modules.push_back(std::move(m));
   }
   out.config = std::move(index.config);

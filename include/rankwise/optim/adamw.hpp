@@ -8,7 +8,10 @@
 ///   p = p - lr (m / c1) / (sqrt(v / c2) + eps),   c1 = 1 - b1^t, c2 = 1 - b2^t
 /// State (m, v and t) is keyed by parameter name. t is counted per slice: after rank surgery the kept
 /// slices keep their moments and their t, fresh slices start from m = v = 0 and t = 0, exactly as a
-/// fresh parameter would. Docs: docs/optim/adamw.md
+/// fresh parameter would. A parameter with an update window is stepped on those slices only: the
+/// others keep value, m, v and t bit for bit (so a component that DyLoRA does not train this step
+/// does not drift through momentum or decay), and t counts the steps each slice was trained.
+/// Docs: docs/optim/adamw.md
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/parameter.hpp>
@@ -69,18 +72,26 @@ class AdamW {
       for (Parameter<Scalar>* p : group.parameters) {
         if (!p->trainable) continue;
         State& s = state(*p);
-        s.m = b1 * s.m + (Scalar(1) - b1) * p->grad;
-        s.v = b2 * s.v + (Scalar(1) - b2) * p->grad.cwiseAbs2();
-        if (decay != Scalar(1)) p->value *= decay;
-        s.steps += 1.0;
-        if (s.steps.size() == 0) continue;  // a parameter with no slices (rank 0)
-        if ((s.steps == s.steps(0)).all()) {
-          const double t = s.steps(0);
+        // The whole tensor, or only the slices of its update window: the rest is left bit for bit.
+        const detail::StepBlock b = window_block(*p, s);
+        if (b.empty()) continue;  // no slices (rank 0), or an empty window
+        Block m = s.m.block(b.row, b.col, b.rows, b.cols);
+        Block v = s.v.block(b.row, b.col, b.rows, b.cols);
+        Block value = p->value.block(b.row, b.col, b.rows, b.cols);
+        const Block grad = p->grad.block(b.row, b.col, b.rows, b.cols);
+        m = b1 * m + (Scalar(1) - b1) * grad;
+        v = b2 * v + (Scalar(1) - b2) * grad.cwiseAbs2();
+        if (decay != Scalar(1)) value *= decay;
+        const Index first = s.axis == Axis::Rows ? b.row : b.col;
+        const Index count = s.axis == Axis::Rows ? b.rows : b.cols;
+        s.steps.segment(first, count) += 1.0;
+        if ((s.steps.segment(first, count) == s.steps(first)).all()) {
+          const double t = s.steps(first);
           const Scalar step_size = Scalar(lr / (1.0 - std::pow(m_options.beta1, t)));
           const Scalar inv_sqrt_c2 = Scalar(1.0 / std::sqrt(1.0 - std::pow(m_options.beta2, t)));
-          p->value.array() -= step_size * s.m.array() / ((s.v.array().sqrt() * inv_sqrt_c2) + eps);
+          value.array() -= step_size * m.array() / ((v.array().sqrt() * inv_sqrt_c2) + eps);
         } else {
-          update_per_slice(*p, s, lr, eps);
+          update_per_slice(*p, s, lr, eps, first, first + count);
         }
       }
     }
@@ -156,6 +167,23 @@ class AdamW {
   }
 
  private:
+  using Block = Eigen::Block<Matrix<Scalar>>;
+
+  /// The block this step may change. A window along the other axis than the state's step counts
+  /// turns them to that axis, which is possible while every slice has the same count.
+  detail::StepBlock window_block(const Parameter<Scalar>& p, State& s) {
+    const detail::StepBlock b = detail::step_block(p, "rankwise::AdamW");
+    if (p.update_window && p.update_window->axis != s.axis) {
+      if (s.steps.size() > 0 && (s.steps != s.steps(0)).any())
+        detail::fail<StateError>("rankwise::AdamW", "'", p.name,
+                                 "' was trained by slices along both axes; per-slice step counts cannot follow");
+      const double t = s.steps.size() ? s.steps(0) : 0.0;
+      s.axis = p.update_window->axis;
+      s.steps.setConstant(s.axis == Axis::Rows ? s.m.rows() : s.m.cols(), t);
+    }
+    return b;
+  }
+
   State& state(const Parameter<Scalar>& p) {
     auto [it, inserted] = m_state.try_emplace(p.name);
     State& s = it->second;
@@ -181,8 +209,8 @@ class AdamW {
     return nullptr;
   }
 
-  void update_per_slice(Parameter<Scalar>& p, const State& s, double lr, Scalar eps) {
-    for (Index k = 0; k < s.steps.size(); ++k) {
+  void update_per_slice(Parameter<Scalar>& p, const State& s, double lr, Scalar eps, Index begin, Index end) {
+    for (Index k = begin; k < end; ++k) {
       const double t = s.steps(k);
       const Scalar step_size = Scalar(lr / (1.0 - std::pow(m_options.beta1, t)));
       const Scalar inv_sqrt_c2 = Scalar(1.0 / std::sqrt(1.0 - std::pow(m_options.beta2, t)));

@@ -7,6 +7,8 @@
 ///   effective lr of a group = group.lr * lr_factor()
 /// Parameters must outlive the optimizer and stay at the same address (hold adapters in stable
 /// storage); their shapes may change only through surgery that the optimizer is told to follow().
+/// A parameter with an update window is stepped on that window only: the slices outside keep their
+/// value and their optimizer state bit for bit (see Parameter::update_window).
 /// Docs: docs/concepts/optimizer.md
 
 #include <rankwise/core/error.hpp>
@@ -71,6 +73,28 @@ std::vector<ParameterGroup<Scalar>> checked_groups(const char* where, std::vecto
     }
   }
   return groups;
+}
+
+/// The block of a parameter that a step may change: all of it, or the slices of its update window.
+struct StepBlock {
+  Index row = 0;
+  Index col = 0;
+  Index rows = 0;
+  Index cols = 0;
+  bool empty() const { return rows == 0 || cols == 0; }
+};
+
+template <FloatScalar Scalar>
+StepBlock step_block(const Parameter<Scalar>& p, const char* where) {
+  if (!p.update_window) return {0, 0, p.value.rows(), p.value.cols()};
+  const UpdateWindow& w = *p.update_window;
+  const bool rows = w.axis == Axis::Rows;
+  const Index extent = rows ? p.value.rows() : p.value.cols();
+  if (w.begin < 0 || w.begin > w.end || w.end > extent)
+    fail(where, "the update window of '", p.name, "' must satisfy 0 <= begin <= end <= ", extent, " (got [",
+         w.begin, ", ", w.end, "))");
+  return rows ? StepBlock{w.begin, 0, w.end - w.begin, p.value.cols()}
+              : StepBlock{0, w.begin, p.value.rows(), w.end - w.begin};
 }
 
 /// Applies a SliceChange to a state tensor: kept slices in order, then `added` zero slices.

@@ -56,22 +56,29 @@ class SGD {
       for (Parameter<Scalar>* p : group.parameters) {
         if (!p->trainable) continue;
         check_shapes(*p);
+        // The whole tensor, or only the slices of its update window: the rest is left bit for bit.
+        const detail::StepBlock b = detail::step_block(*p, "rankwise::SGD");
+        Block value = p->value.block(b.row, b.col, b.rows, b.cols);
+        const Block grad = p->grad.block(b.row, b.col, b.rows, b.cols);
         if (m_options.momentum == 0.0) {
+          if (b.empty()) continue;
           if (wd != Scalar(0))
-            p->value -= lr * (p->grad + wd * p->value);
+            value -= lr * (grad + wd * value);
           else
-            p->value -= lr * p->grad;
+            value -= lr * grad;
           continue;
         }
-        Matrix<Scalar>& v = velocity(*p);
+        Matrix<Scalar>& velocity_matrix = velocity(*p);
+        if (b.empty()) continue;
+        Block v = velocity_matrix.block(b.row, b.col, b.rows, b.cols);
         if (wd != Scalar(0))
-          v = mu * v + (p->grad + wd * p->value);
+          v = mu * v + (grad + wd * value);
         else
-          v = mu * v + p->grad;
+          v = mu * v + grad;
         if (m_options.nesterov)
-          p->value -= lr * ((p->grad + wd * p->value) + mu * v);
+          value -= lr * ((grad + wd * value) + mu * v);
         else
-          p->value -= lr * v;
+          value -= lr * v;
       }
     }
   }
@@ -121,6 +128,8 @@ class SGD {
   }
 
  private:
+  using Block = Eigen::Block<Matrix<Scalar>>;
+
   Matrix<Scalar>& velocity(const Parameter<Scalar>& p) {
     auto [it, inserted] = m_velocity.try_emplace(p.name);
     if (inserted) it->second.setZero(p.value.rows(), p.value.cols());

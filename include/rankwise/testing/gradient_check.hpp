@@ -8,7 +8,9 @@
 /// over every entry of x and of every trainable parameter. The error of one entry is
 /// |analytic - numeric| / max(1, |numeric|). Use double: in float the differences are noise.
 /// Layers that draw random numbers in forward() (dropout) must replay the same draws on every call:
-/// pass `before_forward` to rewind their generator. Docs: docs/testing/gradient-check.md
+/// pass `before_forward` to rewind their generator. Slices outside a parameter's update window are
+/// detached by definition (DyLoRA's frozen components): their analytic gradient must be exactly zero,
+/// and that is what is checked for them. Docs: docs/testing/gradient-check.md
 
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
@@ -101,12 +103,22 @@ GradientCheckResult check_gradients(L& layer, const Matrix<typename L::Scalar>& 
     result.entries.push_back(entry);
   }
 
+  const auto detached = [](const Parameter<Scalar>& p, Index i, Index j) {
+    if (!p.update_window) return false;
+    const Index k = p.update_window->axis == Axis::Rows ? i : j;
+    return k < p.update_window->begin || k >= p.update_window->end;
+  };
+
   for (Parameter<Scalar>* p : layer.parameters()) {
     if (!p->trainable) continue;
     const MatrixType analytic = p->grad;
     GradientCheckResult::Entry entry{p->name, 0.0};
     for (Index j = 0; j < p->value.cols(); ++j)
       for (Index i = 0; i < p->value.rows(); ++i) {
+        if (detached(*p, i, j)) {
+          record(entry, p->name, i, j, double(analytic(i, j)), 0.0);  // must be exactly zero
+          continue;
+        }
         const Scalar saved = p->value(i, j);
         const double lp = loss_at(p->value(i, j), Scalar(double(saved) + h), x, y_plus);
         const double lm = loss_at(p->value(i, j), Scalar(double(saved) - h), x, y_minus);
