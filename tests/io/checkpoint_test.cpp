@@ -1,4 +1,5 @@
 // Tests for rankwise/io/checkpoint.hpp, rankwise/io/state.hpp and rankwise/io/rankwise_adapter.hpp.
+#include <rankwise/adapters/factory.hpp>
 #include <rankwise/io/checkpoint.hpp>
 #include <rankwise/io/rankwise_adapter.hpp>
 #include <rankwise/io/state.hpp>
@@ -345,4 +346,79 @@ TEST_CASE("rankwise adapter directory: the whole LoRA state round-trips bit for 
 
   write_text(dir.path / "rankwise_adapter.json", "{\"format\": \"rankwise.adapter\", \"version\": 3}");
   CHECK_THROWS_WITH(rankwise::load_rankwise_adapter(dir.path, loaded), Contains("expected {\"format\": \"rankwise.adapter\""));
+}
+
+namespace {
+// One slot of every kind, with random trainable values so that a missed tensor would show.
+std::vector<rankwise::AnyLinear<float>> family(Random& rng, const std::shared_ptr<const rankwise::VeRAProjections<float>>& bank) {
+  using rankwise::AdapterSpec;
+  std::vector<rankwise::AnyLinear<float>> slots;
+  Random base_rng(77);  // the same base weights every time
+  const rankwise::AdapterContext<float> context{bank};
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, base_rng), AdapterSpec{"lora", rankwise::LoRAOptions{.rank = 3}}, rng, context));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, base_rng), AdapterSpec{"dylora", rankwise::DyLoRAOptions{.max_rank = 4}}, rng, context));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 12, base_rng), AdapterSpec{"vera", std::monostate{}}, rng, context));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, base_rng), AdapterSpec{"melora", rankwise::MELoRAOptions{.n = 2, .mini_rank = 2}}, rng, context));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, base_rng), AdapterSpec{"red", std::monostate{}}, rng, context));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, base_rng), AdapterSpec{"linear", std::monostate{}}, rng, context));
+  return slots;
+}
+
+std::vector<NamedAdapter<rankwise::AnyLinear<float>>> named(std::vector<rankwise::AnyLinear<float>>& slots) {
+  std::vector<NamedAdapter<rankwise::AnyLinear<float>>> out;
+  for (auto& slot : slots) out.push_back({"layers.0." + slot.kind(), &slot});
+  return out;
+}
+}  // namespace
+
+TEST_CASE("rankwise adapter directory: every adapter kind, in model slots, round-trips bit for bit", "[io][checkpoint]") {
+  TempDir dir("family");
+  Random rng(30);
+  const auto bank = rankwise::VeRAProjections<float>::make(4, 8, 12, rng);
+  std::vector<rankwise::AnyLinear<float>> saved = family(rng, bank);
+  for (auto& slot : saved)  // a plain Linear slot's weights are the model's, not an adapter's: left alone
+    for (Parameter<float>* p : slot.parameters())
+      if (p->trainable && slot.kind() != "linear") p->value = random_matrix<float>(p->value.rows(), p->value.cols(), rng);
+  saved[1].as<rankwise::DyLoRA<float>>().set_window(1, 3);
+  const auto modules = named(saved);
+  rankwise::save_rankwise_adapter(dir.path, modules);
+
+  Random other(31);
+  std::vector<rankwise::AnyLinear<float>> loaded = family(other, bank);
+  rankwise::load_rankwise_adapter(dir.path, named(loaded));
+  CHECK(loaded[1].as<rankwise::DyLoRA<float>>().active_rank() == 3);
+  CHECK(loaded[1].as<rankwise::DyLoRA<float>>().window_begin() == 1);
+  const Matrix<float> x = random_matrix<float>(8, 5, rng);
+  for (std::size_t i = 0; i < saved.size(); ++i) {
+    CAPTURE(saved[i].kind());
+    Matrix<float> y1, y2;
+    saved[i].set_training(false);
+    loaded[i].set_training(false);
+    saved[i].forward(x, y1);
+    loaded[i].forward(x, y2);
+    CHECK(same_bits(y1, y2));
+  }
+
+  // The VeRA vectors belong to their bank: other projections are refused; so is another kind.
+  std::vector<rankwise::AnyLinear<float>> wrong_bank = family(other, rankwise::VeRAProjections<float>::make(4, 8, 12, other));
+  CHECK_THROWS_WITH(rankwise::load_rankwise_adapter(dir.path, named(wrong_bank)),
+                    Contains("component 'layers.0.vera': was trained over other projections"));
+  std::vector<rankwise::AnyLinear<float>> swapped = family(other, bank);
+  std::swap(swapped[0], swapped[1]);
+  std::vector<NamedAdapter<rankwise::AnyLinear<float>>> swapped_modules = {{"layers.0.lora", &swapped[0]}, {"layers.0.dylora", &swapped[1]},
+      {"layers.0.vera", &swapped[2]}, {"layers.0.melora", &swapped[3]}, {"layers.0.red", &swapped[4]}, {"layers.0.linear", &swapped[5]}};
+  CHECK_THROWS_WITH(rankwise::load_rankwise_adapter(dir.path, swapped_modules),
+                    Contains("component 'layers.0.lora': holds a 'lora' slot but the model's is 'dylora'"));
+}
+
+TEST_CASE("Checkpoint: VeRA's shared bank is saved once and read back as a bank", "[io][checkpoint]") {
+  TempDir dir("bank");
+  Random rng(32);
+  const auto bank = rankwise::VeRAProjections<double>::make(3, 6, 5, rng);
+  CheckpointWriter ckpt;
+  ckpt.add("vera_bank", *bank);
+  ckpt.write(dir.path);
+  const auto back = rankwise::read_vera_projections<double>(CheckpointReader(dir.path).component("vera_bank"));
+  CHECK(same_bits(back->A(), bank->A()));
+  CHECK(same_bits(back->B(), bank->B()));
 }

@@ -1,4 +1,5 @@
 // Tests for rankwise/io/peft.hpp (and io/peft_config.hpp, io/named_adapter.hpp).
+#include <rankwise/adapters/factory.hpp>
 #include <rankwise/io/peft.hpp>
 
 #include "support/matchers.hpp"
@@ -420,4 +421,118 @@ TEST_CASE("save_peft_adapter: a save that fails halfway leaves the previous dire
   CHECK(read_bytes(dir.path / "adapter_model.safetensors") == weights);
   CHECK(read_bytes(dir.path / "adapter_config.json") == config);
   CHECK(rankwise::test_support::count_entries(dir.path) == 2);
+}
+
+// --- the rest of the adapter family ----------------------------------------------------------
+
+TEST_CASE("save_peft_adapter: VeRA, MELoRA and DyLoRA (at a chosen rank) export as exact plain LoRA", "[io][peft]") {
+  TempDir dir("peft_family");
+  Random rng(20);
+  const auto bank = rankwise::VeRAProjections<float>::make(4, 16, 16, rng);
+  rankwise::VeRA<float> v1(Linear<float>(8, 8, rng), bank), v2(Linear<float>(12, 16, rng), bank);
+  for (auto* v : {&v1, &v2}) {
+    v->lambda_d_parameter().value = random_matrix<float>(4, 1, rng);
+    v->lambda_b_parameter().value = random_matrix<float>(v->out_features(), 1, rng);
+  }
+  const PeftConfig vera_config = rankwise::save_peft_adapter(
+      dir.path / "vera", std::vector<NamedAdapter<rankwise::VeRA<float>>>{{"layers.0.q", &v1}, {"layers.0.up", &v2}});
+  CHECK(vera_config.peft_type == "LORA");
+  CHECK(vera_config.r == 4);
+  CHECK(vera_config.lora_alpha == 4.0);  // scale 1 = alpha / r
+  const auto vera = rankwise::read_peft_lora<float>(dir.path / "vera");
+  CHECK_THAT(Matrix<float>(float(vera.modules[0].factors.scale) * vera.modules[0].factors.B * vera.modules[0].factors.A),
+             is_close_to(v1.delta_weight(), 1e-6, 1e-7));
+  CHECK_THAT(Matrix<float>(float(vera.modules[1].factors.scale) * vera.modules[1].factors.B * vera.modules[1].factors.A),
+             is_close_to(v2.delta_weight(), 1e-6, 1e-7));
+
+  rankwise::MELoRA<float> me(Linear<float>(16, 12, rng), {.n = 2, .mini_rank = 3, .alpha = 6.0}, rng);
+  me.B_parameter().value = random_matrix<float>(6, 6, rng);
+  rankwise::save_peft_adapter(dir.path / "melora", std::vector<NamedAdapter<rankwise::MELoRA<float>>>{{"mlp", &me}});
+  const auto melora = rankwise::read_peft_lora<float>(dir.path / "melora");
+  REQUIRE(melora.modules[0].factors.rank() == 6);  // n r_mini
+  CHECK_THAT(Matrix<float>(float(melora.modules[0].factors.scale) * melora.modules[0].factors.B * melora.modules[0].factors.A),
+             is_close_to(me.delta_weight(), 1e-6, 1e-6));
+
+  rankwise::DyLoRA<float> dy(Linear<float>(10, 10, rng), {.max_rank = 6, .alpha = 12.0}, rng);
+  dy.B_parameter().value = random_matrix<float>(10, 6, rng);
+  // [any rank b <= r_max deploys as a LoRA of rank b]
+  std::vector<rankwise::PeftLoRAModule<float>> at_three = {{"attn.q", dy.lora_factors(3)}};
+  rankwise::save_peft_lora(dir.path / "dylora", at_three);
+  const auto dylora = rankwise::read_peft_lora<float>(dir.path / "dylora");
+  REQUIRE(dylora.modules[0].factors.rank() == 3);
+  CHECK(dylora.modules[0].factors.scale == 4.0);  // alpha / b
+  CHECK_THAT(Matrix<float>(4.0f * dylora.modules[0].factors.B * dylora.modules[0].factors.A),
+             is_close_to(dy.delta_weight(3), 1e-6, 1e-6));
+}
+
+TEST_CASE("save_peft_vera: native VeRA directories round-trip bit for bit", "[io][peft]") {
+  TempDir dir("peft_vera");
+  Random rng(21);
+  const auto bank = rankwise::VeRAProjections<float>::make(3, 20, 20, rng);  // larger than any layer
+  rankwise::VeRA<float> a(Linear<float>(8, 12, rng), bank), b(Linear<float>(12, 8, rng), bank);
+  for (auto* v : {&a, &b}) {
+    v->lambda_d_parameter().value = random_matrix<float>(3, 1, rng);
+    v->lambda_b_parameter().value = random_matrix<float>(v->out_features(), 1, rng);
+  }
+  const std::vector<NamedAdapter<rankwise::VeRA<float>>> modules = {{"layers.0.attn.q_proj", &a}, {"layers.0.mlp.down_proj", &b}};
+  const PeftConfig written = rankwise::save_peft_vera(dir.path, modules);
+  CHECK(written.peft_type == "VERA");
+  CHECK(written.r == 3);
+  const PeftConfig config = rankwise::parse_peft_config(read_text(dir.path / "adapter_config.json"));
+  CHECK(config.peft_type == "VERA");
+  CHECK(config.save_projection);
+  CHECK(config.r == 3);
+  rankwise::SafetensorsReader weights(dir.path / "adapter_model.safetensors");
+  CHECK(weights.info("base_model.vera_A").shape == std::vector<Index>{3, 12});  // trimmed to the largest layer
+  CHECK(weights.info("base_model.vera_B").shape == std::vector<Index>{12, 3});
+  CHECK(weights.info("base_model.model.layers.0.attn.q_proj.vera_lambda_b").shape == std::vector<Index>{12});
+  CHECK(weights.info("base_model.model.layers.0.attn.q_proj.vera_lambda_d").shape == std::vector<Index>{3});
+
+  const auto file = rankwise::read_peft_vera<float>(dir.path);
+  rankwise::VeRA<float> a2(a.base(), file.projections), b2(b.base(), file.projections);
+  rankwise::load_peft_adapter(dir.path, std::vector<NamedAdapter<rankwise::VeRA<float>>>{{"layers.0.attn.q_proj", &a2},
+                                                                                          {"layers.0.mlp.down_proj", &b2}});
+  for (auto [original, loaded] : {std::pair{&a, &a2}, std::pair{&b, &b2}}) {
+    CHECK(same_bits(loaded->lambda_d(), original->lambda_d()));
+    CHECK(same_bits(loaded->lambda_b(), original->lambda_b()));
+    const Matrix<float> x = random_matrix<float>(original->in_features(), 4, rng);
+    Matrix<float> y1, y2;
+    original->set_training(false);
+    loaded->set_training(false);
+    original->forward(x, y1);
+    loaded->forward(x, y2);
+    CHECK(same_bits(y1, y2));
+  }
+
+  // Adapters over another bank would apply the vectors to other projections: refused.
+  const auto other = rankwise::VeRAProjections<float>::make(3, 20, 20, rng);
+  rankwise::VeRA<float> a3(a.base(), other), b3(b.base(), bank);
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(dir.path, std::vector<NamedAdapter<rankwise::VeRA<float>>>{
+                                                              {"layers.0.attn.q_proj", &a3}, {"layers.0.mlp.down_proj", &b3}}),
+                    Contains("(1 problem)") && Contains("its projection bank does not hold the file's vera_A / vera_B"));
+  CHECK_THROWS_WITH(rankwise::save_peft_vera(dir.path, std::vector<NamedAdapter<rankwise::VeRA<float>>>{{"x", &a3}, {"y", &b3}}),
+                    Contains("uses another projection bank"));
+  // A file without its projections cannot be used outside PyTorch.
+  rankwise::SafetensorsWriter without;
+  for (const auto& t : weights.tensors())
+    if (t.name.rfind("base_model.vera_", 0) != 0) without.add_vector(t.name, weights.matrix<float>(t.name));
+  without.write(dir.path / "adapter_model.safetensors");
+  CHECK_THROWS_WITH(rankwise::read_peft_vera<float>(dir.path), Contains("save_projection was false"));
+}
+
+TEST_CASE("save_peft_adapter: model slots export what has a plain-LoRA form and name what has not", "[io][peft]") {
+  TempDir dir("peft_slots");
+  Random rng(22);
+  std::vector<rankwise::AnyLinear<float>> slots;
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, rng), {"lora", LoRAOptions{.rank = 2, .alpha = 4.0}}, rng));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, rng), {"melora", rankwise::MELoRAOptions{.n = 2, .mini_rank = 2}}, rng));
+  slots.push_back(rankwise::make_linear(Linear<float>(8, 8, rng), {"red", std::monostate{}}, rng));
+  std::vector<NamedAdapter<rankwise::AnyLinear<float>>> modules = {{"a.lora", &slots[0]}, {"a.melora", &slots[1]}, {"a.red", &slots[2]}};
+  CHECK_THROWS_WITH(rankwise::save_peft_adapter(dir.path, modules),
+                    Contains("module 'a.red' holds a 'red' layer, whose update is not a plain LoRA"));
+  modules.pop_back();
+  const PeftConfig written = rankwise::save_peft_adapter(dir.path, modules);
+  CHECK(written.rank_pattern.size() == 1);  // rank 2 and rank 4
+  const auto back = rankwise::read_peft_lora<float>(dir.path);
+  CHECK(back.modules[1].factors.rank() == 4);
 }

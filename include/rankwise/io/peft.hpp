@@ -14,8 +14,10 @@
 /// Every adapter kind that reduces exactly to a plain LoRA plugs in through lora_factors(adapter)
 /// -> LoRAFactors (adapters/lora_export.hpp). Docs: docs/io/peft-interop.md
 
+#include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/vera.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 #include <rankwise/io/atomic_file.hpp>
@@ -31,6 +33,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -91,6 +95,18 @@ auto peft_lora_module(std::string path, const AdapterType& adapter) {
 template <FloatScalar Scalar, typename Base>
 PeftLoRAModule<Scalar> peft_lora_module(std::string path, const LoRA<Scalar, Base>& lora) {
   return {std::move(path), lora_factors(lora), lora.options().use_rslora, lora.options().dropout, lora.options().init};
+}
+
+/// A model slot (adapters/any_linear.hpp): its adapter's plain-LoRA form; InvalidArgument for a slot
+/// without one (a plain Linear, RED), which rankwise's own adapter directory saves instead.
+template <FloatScalar Scalar>
+PeftLoRAModule<Scalar> peft_lora_module(std::string path, const AnyLinear<Scalar>& slot) {
+  if (const auto* lora = slot.template get_if<LoRA<Scalar>>()) return peft_lora_module(std::move(path), *lora);
+  std::optional<LoRAFactors<Scalar>> factors = slot.lora_factors();
+  if (!factors)
+    detail::fail("rankwise::save_peft_adapter", "module '", path, "' holds a '", slot.kind(),
+                 "' layer, whose update is not a plain LoRA; save it with save_rankwise_adapter");
+  return {std::move(path), std::move(*factors)};
 }
 
 namespace detail {
@@ -527,6 +543,217 @@ PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector
     if (scale != lora.scale()) lora.set_scale(scale);
   }
   return index.config;
+}
+
+// --- VeRA, natively (peft_type "VERA") --------------------------------------------------------------
+
+/// One VeRA module of a PEFT directory: its path and vectors.
+template <FloatScalar Scalar>
+struct PeftVeRAModule {
+  std::string path;
+  Matrix<Scalar> lambda_d;  ///< r x 1
+  Matrix<Scalar> lambda_b;  ///< out x 1
+};
+
+/// A PEFT VeRA directory as read: config, the shared projections, the modules (sorted by path).
+template <FloatScalar Scalar>
+struct PeftVeRAAdapter {
+  PeftConfig config;
+  std::shared_ptr<const VeRAProjections<Scalar>> projections;
+  std::vector<PeftVeRAModule<Scalar>> modules;
+};
+
+namespace detail {
+inline constexpr const char* peft_vera_A = "base_model.vera_A";
+inline constexpr const char* peft_vera_B = "base_model.vera_B";
+
+inline bool split_peft_vera_key(const std::string& key, std::string& path, char& which) {
+  const std::string prefix = peft_prefix;
+  for (const char* suffix : {".vera_lambda_d", ".vera_lambda_b"}) {
+    const std::string s = suffix;
+    if (key.size() > prefix.size() + s.size() && key.compare(0, prefix.size(), prefix) == 0 &&
+        key.compare(key.size() - s.size(), s.size(), s) == 0) {
+      path = key.substr(prefix.size(), key.size() - prefix.size() - s.size());
+      which = s.back();
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace detail
+
+/// Writes VeRA adapters as a native PEFT VeRA directory: vera_lambda_d / vera_lambda_b per module and
+/// the shared projections as base_model.vera_A [r, max_in] / vera_B [max_out, r], trimmed to the
+/// largest saved layer (PEFT sizes them so), with save_projection: true — PEFT's own projections come
+/// from a torch generator that C++ cannot reproduce, so they always travel with the file. All modules
+/// must share one bank. Returns the config written.
+template <FloatScalar Scalar, typename Base>
+PeftConfig save_peft_vera(const std::filesystem::path& dir, const std::vector<NamedAdapter<VeRA<Scalar, Base>>>& modules,
+                          const PeftSaveOptions& options = {}) {
+  const char* where = "rankwise::save_peft_vera";
+  detail::check_named_adapters(where, modules);
+  if (modules.empty()) detail::fail(where, "no module to save");
+  if (!is_float_dtype(options.dtype))
+    detail::fail(where, "dtype must be F32, F16, BF16 or F64 (got ", to_string(options.dtype), ")");
+  if (!options.task_type.empty() && !detail::is_peft_task_type(options.task_type))
+    detail::fail(where, "task_type must be empty or one of SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, "
+                 "FEATURE_EXTRACTION (got \"", options.task_type, "\")");
+  const VeRAProjections<Scalar>& bank = modules.front().adapter->projections();
+  Index max_in = 0, max_out = 0;
+  std::vector<const NamedAdapter<VeRA<Scalar, Base>>*> sorted;
+  for (const auto& m : modules) {
+    if (&m.adapter->projections() != &bank &&
+        !(m.adapter->projections().A() == bank.A() && m.adapter->projections().B() == bank.B()))
+      detail::fail(where, "module '", m.path, "' uses another projection bank than '", modules.front().path,
+                   "'; PEFT's VeRA shares one bank across the model");
+    max_in = std::max(max_in, m.adapter->in_features());
+    max_out = std::max(max_out, m.adapter->out_features());
+    sorted.push_back(&m);
+  }
+  std::sort(sorted.begin(), sorted.end(), [](const auto* a, const auto* b) { return a->path < b->path; });
+  SafetensorsWriter writer(options.dtype);
+  for (const auto& [key, value] : options.metadata) writer.set_metadata(key, value);
+  writer.add(detail::peft_vera_A, Matrix<Scalar>(bank.A().leftCols(max_in)));
+  writer.add(detail::peft_vera_B, Matrix<Scalar>(bank.B().topRows(max_out)));
+  nlohmann::json targets = nlohmann::json::array();
+  for (const auto* m : sorted) {
+    writer.add_vector(std::string(detail::peft_prefix) + m->path + ".vera_lambda_d", m->adapter->lambda_d());
+    writer.add_vector(std::string(detail::peft_prefix) + m->path + ".vera_lambda_b", m->adapter->lambda_b());
+    targets.push_back(m->path);
+  }
+  PeftConfig config;
+  config.peft_type = "VERA";
+  config.r = bank.rank();
+  config.target_modules = targets.get<std::vector<std::string>>();
+  config.save_projection = true;
+  config.d_initial = modules.front().adapter->options().d_initial;
+  config.inference_mode = true;
+  if (!options.base_model_name_or_path.empty()) config.base_model_name_or_path = options.base_model_name_or_path;
+  if (!options.task_type.empty()) config.task_type = options.task_type;
+  nlohmann::json j;
+  j["base_model_name_or_path"] = config.base_model_name_or_path ? nlohmann::json(*config.base_model_name_or_path) : nullptr;
+  j["bias"] = "none";
+  j["d_initial"] = config.d_initial;
+  j["fan_in_fan_out"] = false;
+  j["inference_mode"] = true;
+  j["init_weights"] = true;
+  j["layers_pattern"] = nullptr;
+  j["layers_to_transform"] = nullptr;
+  j["modules_to_save"] = nullptr;
+  j["peft_type"] = "VERA";
+  j["projection_prng_key"] = 0;
+  j["r"] = config.r;
+  j["revision"] = nullptr;
+  j["save_projection"] = true;
+  j["target_modules"] = targets;
+  j["task_type"] = config.task_type ? nlohmann::json(*config.task_type) : nullptr;
+  j["vera_dropout"] = 0.0;
+  detail::create_directory(dir, where);
+  writer.write(dir / detail::peft_weights_file, options.durable);
+  write_file_atomically(dir / detail::peft_config_file, j.dump(2) + "\n", options.durable);
+  return config;
+}
+
+/// Reads a native PEFT VeRA directory; every inconsistency is reported in one FormatError.
+template <FloatScalar Scalar>
+PeftVeRAAdapter<Scalar> read_peft_vera(const std::filesystem::path& dir) {
+  const char* where = "rankwise::read_peft_vera";
+  const std::filesystem::path config_path = dir / detail::peft_config_file;
+  PeftVeRAAdapter<Scalar> out;
+  out.config = parse_peft_config(detail::read_text_file(config_path, detail::max_adapter_config_bytes, where),
+                                 config_path.string());
+  if (out.config.peft_type != "VERA")
+    detail::fail<FormatError>(where, "'", config_path.string(), "': peft_type must be \"VERA\" (got \"",
+                              out.config.peft_type, "\")");
+  const SafetensorsReader reader(dir / detail::peft_weights_file);
+  std::vector<std::string> problems;
+  if (!reader.contains(detail::peft_vera_A) || !reader.contains(detail::peft_vera_B)) {
+    problems.push_back("the projections base_model.vera_A / vera_B are not in the file (save_projection was false): "
+                       "they were drawn by a torch generator that rankwise cannot reproduce");
+    detail::fail_with_problems(where, "'" + dir.string() + "' is not a VeRA adapter rankwise can load", problems);
+  }
+  Matrix<Scalar> A = reader.template matrix<Scalar>(detail::peft_vera_A);
+  Matrix<Scalar> B = reader.template matrix<Scalar>(detail::peft_vera_B);
+  if (reader.info(detail::peft_vera_A).shape.size() != 2 || reader.info(detail::peft_vera_B).shape.size() != 2 ||
+      A.rows() < 1 || B.cols() != A.rows() || A.rows() != out.config.r)
+    problems.push_back("vera_A must be [r, max_in] and vera_B [max_out, r] with r = " + std::to_string(out.config.r) +
+                       " (got [" + std::to_string(A.rows()) + ", " + std::to_string(A.cols()) + "] and [" +
+                       std::to_string(B.rows()) + ", " + std::to_string(B.cols()) + "])");
+  std::map<std::string, std::pair<const TensorInfo*, const TensorInfo*>> pairs;  // path -> (d, b)
+  for (const TensorInfo& t : reader.tensors()) {
+    if (t.name == detail::peft_vera_A || t.name == detail::peft_vera_B) continue;
+    std::string path;
+    char which = 0;
+    if (!detail::split_peft_vera_key(t.name, path, which)) {
+      problems.push_back("tensor '" + t.name + "' is not a VeRA tensor (base_model.model.<path>.vera_lambda_d / _b)");
+      continue;
+    }
+    if (t.shape.size() != 1 || !is_float_dtype(t.dtype)) {
+      problems.push_back("tensor '" + t.name + "' must be a 1-D float tensor");
+      continue;
+    }
+    (which == 'd' ? pairs[path].first : pairs[path].second) = &t;
+  }
+  for (const auto& [path, db] : pairs) {
+    if (!db.first || !db.second) {
+      problems.push_back("module '" + path + "' lacks vera_lambda_" + (db.first ? "b" : "d"));
+      continue;
+    }
+    if (db.first->shape[0] != A.rows())
+      problems.push_back("module '" + path + "': vera_lambda_d has " + std::to_string(db.first->shape[0]) +
+                         " entries but r = " + std::to_string(A.rows()));
+    if (db.second->shape[0] > B.rows())
+      problems.push_back("module '" + path + "': vera_lambda_b has " + std::to_string(db.second->shape[0]) +
+                         " entries, more than vera_B's " + std::to_string(B.rows()) + " rows");
+  }
+  if (!problems.empty())
+    detail::fail_with_problems(where, "'" + dir.string() + "' is not a VeRA adapter rankwise can load", problems);
+  for (const auto& [path, db] : pairs)
+    out.modules.push_back({path, reader.template matrix<Scalar>(db.first->name), reader.template matrix<Scalar>(db.second->name)});
+  out.projections = std::make_shared<const VeRAProjections<Scalar>>(std::move(A), std::move(B));
+  return out;
+}
+
+/// Loads a native PEFT VeRA directory into a model's VeRA adapters. Their bank must hold the file's
+/// projections (as its top-left block): build the adapters over read_peft_vera(dir).projections, or
+/// from the same stored matrices. Every mismatch is reported in one FormatError; nothing changes
+/// unless everything fits.
+template <FloatScalar Scalar, typename Base>
+PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<VeRA<Scalar, Base>>>& modules) {
+  const char* where = "rankwise::load_peft_adapter";
+  detail::check_named_adapters(where, modules);
+  PeftVeRAAdapter<Scalar> file = read_peft_vera<Scalar>(dir);
+  std::map<std::string, const PeftVeRAModule<Scalar>*> by_path;
+  for (const auto& m : file.modules) by_path.emplace(m.path, &m);
+  std::vector<std::string> problems;
+  const VeRAProjections<Scalar>& saved = *file.projections;
+  for (const auto& m : modules) {
+    const VeRA<Scalar, Base>& v = *m.adapter;
+    auto it = by_path.find(m.path);
+    if (it == by_path.end()) {
+      problems.push_back("module '" + m.path + "' is not in the file");
+      continue;
+    }
+    const VeRAProjections<Scalar>& bank = v.projections();
+    if (bank.rank() != saved.rank() || bank.max_in() < saved.max_in() || bank.max_out() < saved.max_out() ||
+        bank.A().leftCols(saved.max_in()) != saved.A() || bank.B().topRows(saved.max_out()) != saved.B())
+      problems.push_back("module '" + m.path + "': its projection bank does not hold the file's vera_A / vera_B; build "
+                         "the VeRA adapters over read_peft_vera(dir).projections");
+    if (it->second->lambda_b.rows() != v.out_features() || v.in_features() > saved.max_in())
+      problems.push_back("module '" + m.path + "': the file's layer has out " + std::to_string(it->second->lambda_b.rows()) +
+                         " (and in <= " + std::to_string(saved.max_in()) + ") but the model's has out " +
+                         std::to_string(v.out_features()) + ", in " + std::to_string(v.in_features()));
+    by_path.erase(it);
+  }
+  for (const auto& [path, m] : by_path) problems.push_back("module '" + path + "' is in the file but not in the model");
+  if (!problems.empty()) detail::fail_with_problems(where, "'" + dir.string() + "' does not match the model", problems);
+  std::map<std::string, const PeftVeRAModule<Scalar>*> all;
+  for (const auto& m : file.modules) all.emplace(m.path, &m);
+  for (const auto& m : modules) {
+    m.adapter->lambda_d_parameter().value = all.at(m.path)->lambda_d;
+    m.adapter->lambda_b_parameter().value = all.at(m.path)->lambda_b;
+  }
+  return file.config;
 }
 
 }  // namespace rankwise
