@@ -422,3 +422,109 @@ TEST_CASE("Checkpoint: VeRA's shared bank is saved once and read back as a bank"
   CHECK(same_bits(back->A(), bank->A()));
   CHECK(same_bits(back->B(), bank->B()));
 }
+
+namespace {
+// A run whose ranks move: three LoRA modules, AdamW, an ALoRA-style allocator driven by AdaLoRA's
+// sensitivity scores, and a DyLoRA sampler whose draws feed the data (only to give it a stream).
+struct AllocatingRun {
+  std::vector<std::unique_ptr<LoRA<float>>> layers;
+  std::vector<NamedAdapter<LoRA<float>>> adapters;
+  std::vector<Parameter<float>*> base;
+  std::unique_ptr<AdamW<float>> optimizer;
+  rankwise::SensitivityImportance<float> importance;
+  std::unique_ptr<rankwise::RankAllocator<float>> allocator;
+  std::unique_ptr<rankwise::DyLoRASampler> sampler;
+  Random data;
+
+  explicit AllocatingRun(std::uint64_t seed) : data(seed + 1) {
+    Random init(seed);
+    std::vector<rankwise::RankModule<float>> modules;
+    std::vector<Parameter<float>*> params;
+    for (int i = 0; i < 3; ++i) {
+      layers.push_back(std::make_unique<LoRA<float>>(Linear<float>(6, 6, init), rankwise::LoRAOptions{.rank = 4}, init));
+      const std::string path = "layers." + std::to_string(i) + ".proj";
+      layers.back()->set_path(path);
+      adapters.push_back({path, layers.back().get()});
+      modules.emplace_back(*layers.back(), path);
+      for (Parameter<float>* p : layers.back()->parameters()) (p->trainable ? params : base).push_back(p);
+    }
+    optimizer = std::make_unique<AdamW<float>>(params, rankwise::AdamWOptions{.lr = 0.03});
+    rankwise::RankAllocatorOptions options;
+    options.warmup_steps = 3;
+    options.rounds = 3;
+    options.ranks_per_round = 2;
+    options.recovery_steps = 3;
+    allocator = std::make_unique<rankwise::RankAllocator<float>>(modules, importance, options, init);
+    allocator->add_optimizer(*optimizer);
+    sampler = std::make_unique<rankwise::DyLoRASampler>(rankwise::DyLoRASamplerOptions{.min_rank = 1, .max_rank = 4}, init);
+  }
+
+  void train_step() {
+    const auto scale = float(sampler->sample());
+    const Matrix<float> x = random_matrix<float>(6, 8, data), target = scale * random_matrix<float>(6, 8, data);
+    Matrix<float> h = x, y, dy, dx;
+    for (auto& layer : layers) {
+      layer->forward(h, y);
+      h = y;
+    }
+    dy = y - target;
+    for (auto it = layers.rbegin(); it != layers.rend(); ++it) {
+      (*it)->backward(dy, dx);
+      dy = dx;
+    }
+    optimizer->step();
+    allocator->step();
+    for (auto& layer : layers) layer->zero_grad();
+  }
+
+  void save(const fs::path& dir) const {
+    CheckpointWriter ckpt;
+    ckpt.add("base", base);
+    ckpt.add("adapters", adapters);
+    ckpt.add("optimizer", *optimizer);
+    ckpt.add("importance", importance);
+    ckpt.add("allocator", *allocator);
+    ckpt.add("sampler", *sampler);
+    ckpt.add("data", data);
+    ckpt.write(dir);
+  }
+  void load(const fs::path& dir) {
+    CheckpointReader ckpt(dir);
+    ckpt.restore("base", base);
+    ckpt.restore("adapters", adapters);
+    ckpt.restore("optimizer", *optimizer);
+    ckpt.restore("importance", importance);
+    ckpt.restore("allocator", *allocator);
+    ckpt.restore("sampler", *sampler);
+    ckpt.restore("data", data);
+  }
+};
+}  // namespace
+
+TEST_CASE("Checkpoint: a run with rank allocation and a rank sampler resumes bit for bit", "[io][checkpoint]") {
+  TempDir dir("allocating");
+  AllocatingRun uninterrupted(3);
+  for (int i = 0; i < 14; ++i) uninterrupted.train_step();
+  REQUIRE(uninterrupted.allocator->rounds_done() == 3);
+
+  AllocatingRun first(3);
+  for (int i = 0; i < 5; ++i) first.train_step();  // rounds at steps 3, 6 and 9: one done, the next due
+  REQUIRE(first.allocator->rounds_done() == 1);
+  first.save(dir.path);
+  AllocatingRun resumed(42);
+  resumed.load(dir.path);
+  CHECK(resumed.allocator->steps() == 5);
+  CHECK(resumed.allocator->rounds_done() == 1);
+  CHECK(resumed.allocator->events().size() == first.allocator->events().size());
+  CHECK(resumed.allocator->ranks() == first.allocator->ranks());
+  for (int i = 0; i < 9; ++i) resumed.train_step();
+
+  CHECK(resumed.allocator->rounds_done() == 3);
+  CHECK(resumed.allocator->ranks() == uninterrupted.allocator->ranks());
+  CHECK(resumed.allocator->format_events() == uninterrupted.allocator->format_events());
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(same_bits(resumed.layers[i]->A(), uninterrupted.layers[i]->A()));
+    CHECK(same_bits(resumed.layers[i]->B(), uninterrupted.layers[i]->B()));
+  }
+  CHECK(resumed.data == uninterrupted.data);
+}
