@@ -19,6 +19,7 @@
 ///            compare_allocation() sets an allocation (RankAllocator::rank_pattern()) against it
 /// Docs: docs/models/toy-transformer.md
 
+#include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/core/config.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
