@@ -151,6 +151,12 @@ inline std::vector<VariantSummary> summarize(std::span<const VariantRun> runs) {
 
 namespace detail {
 
+/// Appends every part to `out` (strings and string literals; no temporaries chained with +).
+template <typename... Parts>
+void append(std::string& out, const Parts&... parts) {
+  (out += ... += parts);
+}
+
 /// Names go into CSV cells and Markdown tables unquoted, so they may not contain separators.
 inline void check_name(const char* where, const char* what, const std::string& name) {
   if (name.empty() || name.find_first_of(",\"|\r\n") != std::string::npos)
@@ -175,7 +181,8 @@ inline std::string format(const char* pattern, double v) {
 inline std::string grouped(double v) {
   std::string digits = format("%.0f", std::fabs(v));
   for (std::ptrdiff_t i = std::ptrdiff_t(digits.size()) - 3; i > 0; i -= 3) digits.insert(std::size_t(i), ",");
-  return (v < 0 && digits != "0" ? "-" : "") + digits;
+  if (v < 0 && digits != "0") digits.insert(0, "-");
+  return digits;
 }
 
 inline std::string table_number(Quantity q, double v) {
@@ -211,9 +218,10 @@ inline const char* table_header(Quantity q) {
 inline std::string format_stats(Quantity q, const SeedStats& s, Index runs, bool min_max = false) {
   if (s.count == 0) return "–";
   std::string text = detail::table_number(q, s.mean);
-  if (s.count > 1) text += " ± " + detail::table_number(q, s.sd);
-  if (min_max && s.count > 1) text += " [" + detail::table_number(q, s.min) + ", " + detail::table_number(q, s.max) + "]";
-  if (s.count < runs) text += " (" + std::to_string(s.count) + " of " + std::to_string(runs) + ")";
+  if (s.count > 1) detail::append(text, " ± ", detail::table_number(q, s.sd));
+  if (min_max && s.count > 1)
+    detail::append(text, " [", detail::table_number(q, s.min), ", ", detail::table_number(q, s.max), "]");
+  if (s.count < runs) detail::append(text, " (", std::to_string(s.count), " of ", std::to_string(runs), ")");
   return text;
 }
 
@@ -231,14 +239,14 @@ inline std::string markdown_table(std::span<const VariantSummary> summaries, Tab
     if (measured) columns.push_back(q);
   }
   std::string out = "| method | seeds |";
-  for (Quantity q : columns) out += std::string(" ") + detail::table_header(q) + " |";
+  for (Quantity q : columns) detail::append(out, " ", detail::table_header(q), " |");
   out += "\n|---|---|";
   for (std::size_t i = 0; i < columns.size(); ++i) out += "---|";
   out += "\n";
   for (const VariantSummary& s : summaries) {
     detail::check_name("rankwise::bench::markdown_table", "method", s.method);
-    out += "| " + s.method + " | " + std::to_string(s.runs) + " |";
-    for (Quantity q : columns) out += " " + format_stats(q, s[q], s.runs, options.min_max) + " |";
+    detail::append(out, "| ", s.method, " | ", std::to_string(s.runs), " |");
+    for (Quantity q : columns) detail::append(out, " ", format_stats(q, s[q], s.runs, options.min_max), " |");
     out += "\n";
   }
   return out;
@@ -251,8 +259,8 @@ inline std::string runs_csv(std::span<const VariantRun> runs) {
   out += "\n";
   for (const VariantRun& r : runs) {
     detail::check_name("rankwise::bench::runs_csv", "method", r.method);
-    out += r.method + "," + std::to_string(r.seed) + "," + std::to_string(r.steps);
-    for (Quantity q : all_quantities) out += "," + detail::csv_number(value_of(r, q));
+    detail::append(out, r.method, ",", std::to_string(r.seed), ",", std::to_string(r.steps));
+    for (Quantity q : all_quantities) detail::append(out, ",", detail::csv_number(value_of(r, q)));
     out += "\n";
   }
   return out;
@@ -268,8 +276,8 @@ inline std::string loss_curves_csv(std::span<const VariantRun> runs, Index strid
     const Index n = Index(r.losses.size());
     for (Index step = 1; step <= n; ++step) {
       if (step % stride != 0 && step != n) continue;
-      out += r.method + "," + std::to_string(r.seed) + "," + std::to_string(step) + "," +
-             detail::csv_number(r.losses[std::size_t(step - 1)]) + "\n";
+      detail::append(out, r.method, ",", std::to_string(r.seed), ",", std::to_string(step), ",",
+                     detail::csv_number(r.losses[std::size_t(step - 1)]), "\n");
     }
   }
   return out;
@@ -284,8 +292,8 @@ inline std::string ranks_csv(std::span<const RankRecord> ranks) {
     if (r.round < 0 || r.rank < 0)
       rankwise::detail::fail("rankwise::bench::ranks_csv", "round and rank must be >= 0 (got round ", r.round,
                              ", rank ", r.rank, " for '", r.module, "')");
-    out += r.method + "," + std::to_string(r.seed) + "," + std::to_string(r.round) + "," + r.module + "," +
-           std::to_string(r.rank) + "\n";
+    detail::append(out, r.method, ",", std::to_string(r.seed), ",", std::to_string(r.round), ",", r.module, ",",
+                   std::to_string(r.rank), "\n");
   }
   return out;
 }
@@ -297,9 +305,9 @@ inline std::string summary_csv(std::span<const VariantSummary> summaries) {
     detail::check_name("rankwise::bench::summary_csv", "method", s.method);
     for (Quantity q : all_quantities) {
       const SeedStats& st = s[q];
-      out += s.method + "," + column_name(q) + "," + std::to_string(st.count) + "," + detail::csv_number(st.mean) +
-             "," + detail::csv_number(st.sd) + "," + detail::csv_number(st.min) + "," + detail::csv_number(st.max) +
-             "\n";
+      detail::append(out, s.method, ",", column_name(q), ",", std::to_string(st.count), ",",
+                     detail::csv_number(st.mean), ",", detail::csv_number(st.sd), ",", detail::csv_number(st.min), ",",
+                     detail::csv_number(st.max), "\n");
     }
   }
   return out;
