@@ -40,6 +40,34 @@ grep -q "GB/s" "$out/io_bandwidth.txt" || fail "io_bandwidth.txt has no bandwidt
 grep -qx "programs: 4 ran, 0 with errors" "$out/summary.txt" || fail "summary.txt: $(cat "$out/summary.txt")"
 echo "quick run: $((SECONDS - started)) s"
 
+# --- the variant comparison: run with --out DIR [--quick], then plotted -----------------------------
+# A build directory whose compare_variants stands in for the real program: it writes testdata's files.
+fake="$work/fake_build"
+mkdir -p "$fake/benchmarks"
+cp "$build/CMakeCache.txt" "$fake/"
+cp "$build/benchmarks/bench_build_info.txt" "$fake/benchmarks/"
+for p in lora_layer bench_adapters bench_allocator toy_transformer io_bandwidth; do
+  ln -s "$build/benchmarks/$p" "$fake/benchmarks/$p"
+done
+cat > "$fake/benchmarks/compare_variants" <<STAND_IN
+#!/usr/bin/env bash
+[ \$# -eq 3 ] && [ "\$1" = --out ] && [ "\$3" = --quick ] || { echo "unexpected arguments: \$*" >&2; exit 64; }
+mkdir -p "\$2" && cp "$here/testdata/"*.csv "\$2/" && echo "stand-in: copied testdata to \$2"
+STAND_IN
+chmod +x "$fake/benchmarks/compare_variants"
+bash "$bench" --quick --prebuilt "$fake" --skip lora_layer,bench_adapters,bench_allocator,toy_transformer,io_bandwidth \
+  --out "$work/variants" > "$work/variants.log" 2>&1 || fail "the run with compare_variants failed: $(cat "$work/variants.log")"
+grep -qx "compare_variants: exit 0, .* s" "$work/variants/summary.txt" ||
+  fail "compare_variants did not run: $(cat "$work/variants.log")"
+[ -s "$work/variants/variants/runs.csv" ] || fail "compare_variants wrote nothing to variants/"
+source "$here/../scripts/common.sh"
+if rankwise_plot_python > /dev/null; then
+  grep -qx "plot_variants: exit 0, .* s" "$work/variants/summary.txt" || fail "no plots: $(cat "$work/variants.log")"
+  [ -s "$work/variants/variants/ranks_alora_seed1.png" ] || fail "the plots are not next to the CSV files"
+else
+  grep -q "plots skipped" "$work/variants.log" || fail "no note that the plots were skipped"
+fi
+
 # --- refusals: exit status 2, a message that says why, nothing run --------------------------------
 # expect_refusal NAME EXPECTED-MESSAGE COMMAND...
 expect_refusal() {

@@ -81,7 +81,9 @@ if [ -n "$prebuilt" ]; then
   [ "$(on_off "$(cache_get RANKWISE_NATIVE)")" = ON ] && native=1
 else
   if [ -z "$build_dir" ]; then
-    build_dir="$RANKWISE_ROOT/build/bench$([ $native = 1 ] && echo -native)$([ $blas = 1 ] && echo -blas)"
+    build_dir="$RANKWISE_ROOT/build/bench"
+    if [ $native = 1 ]; then build_dir+="-native"; fi
+    if [ $blas = 1 ]; then build_dir+="-blas"; fi
   fi
 fi
 build_type_expected=Release
@@ -159,7 +161,8 @@ bin="$build_dir/benchmarks"
 default_out=0
 if [ -z "$out" ]; then
   default_out=1
-  out="$RANKWISE_ROOT/build/bench-results/$(date +%Y-%m-%d_%H%M%S)$([ $quick = 1 ] && echo -quick)"
+  out="$RANKWISE_ROOT/build/bench-results/$(date +%Y-%m-%d_%H%M%S)"
+  if [ $quick = 1 ]; then out+="-quick"; fi
 fi
 if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
   die "results directory '$out' is not empty (give another --out, or remove it)"
