@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   // The floor of any loader that fills matrices: copying the same bytes from memory into matrices
   // already in memory (no file, no transpose). cat writes nothing back to memory; a loader must.
   std::vector<rankwise::Matrix<float>> copies(tensors, rankwise::Matrix<float>(side, side));
-  const double copy_ms = best_ms(7, [&] {
+  const double copy_ms = best_ms(load_repeats, [&] {
     for (int i = 0; i < tensors; ++i) copies[std::size_t(i)] = loaded[std::size_t((i + 1) % tensors)];
   });
   std::printf("cat file > /dev/null      %7.1f ms  %6.2f GB/s  (includes starting sh and cat)\n", cat_ms, megabytes / cat_ms);
