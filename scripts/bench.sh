@@ -75,7 +75,7 @@ if [ -n "$prebuilt" ]; then
   build_dir="$(cd "$prebuilt" 2>/dev/null && pwd)" || die "--prebuilt '$prebuilt': no such directory"
   [ -f "$build_dir/CMakeCache.txt" ] || die "--prebuilt '$prebuilt' is not a CMake build directory (no CMakeCache.txt)"
   for p in "${programs[@]}"; do
-    [ -x "$build_dir/benchmarks/$p" ] || die "--prebuilt '$prebuilt' has no benchmarks/$p (build it first, in a build without RANKWISE_SANITIZE)"
+    [[ "$skipped" == *",$p,"* ]] || [ -x "$build_dir/benchmarks/$p" ] || die "--prebuilt '$prebuilt' has no benchmarks/$p (build it first, in a build without RANKWISE_SANITIZE)"
   done
   [ "$(on_off "$(cache_get RANKWISE_USE_BLAS)")" = ON ] && blas=1
   [ "$(on_off "$(cache_get RANKWISE_NATIVE)")" = ON ] && native=1
@@ -142,10 +142,13 @@ if [ -z "$prebuilt" ]; then
   rankwise_configure "$build_dir" -DRANKWISE_BUILD_TESTS=OFF -DRANKWISE_BUILD_EXAMPLES=OFF -DRANKWISE_INSTALL=OFF \
     -DRANKWISE_BUILD_BENCHMARKS=ON -DRANKWISE_SANITIZE=OFF \
     -DRANKWISE_NATIVE="$([ $native = 1 ] && echo ON || echo OFF)" -DRANKWISE_USE_BLAS="$([ $blas = 1 ] && echo ON || echo OFF)"
-  targets=("${programs[@]}")
-  [ $has_variants = 1 ] && targets+=(compare_variants)
+  targets=()
+  for p in "${programs[@]}" compare_variants; do
+    [ $p != compare_variants ] || [ $has_variants = 1 ] || continue
+    [[ "$skipped" == *",$p,"* ]] || targets+=("$p")
+  done
   echo "== building ${targets[*]}"
-  cmake --build "$build_dir" -j "$(rankwise_jobs)" --target "${targets[@]}"
+  [ ${#targets[@]} -eq 0 ] || cmake --build "$build_dir" -j "$(rankwise_jobs)" --target "${targets[@]}"
 fi
 build_type="$(cache_get CMAKE_BUILD_TYPE)"
 if [ "$build_type" != "$build_type_expected" ]; then
@@ -188,7 +191,13 @@ info="$bin/bench_build_info.txt"  # written by benchmarks/CMakeLists.txt at conf
     echo "build: $build_type (no bench_build_info.txt: configured before it existed; re-run cmake)"
   fi
   if [ $blas = 1 ]; then
-    echo "BLAS library: $(ldd "$bin/lora_layer" | sed -n 's/.*\(libblas\.so[^ ]*\|libopenblas[^ ]*\) => \([^ ]*\).*/\2/p' | head -n 1 | xargs -r readlink -f)"
+    for p in "${programs[@]}"; do
+      if [ -x "$bin/$p" ]; then
+        echo "BLAS library: $(ldd "$bin/$p" | sed -n 's/.*\(libblas\.so[^ ]*\|libopenblas[^ ]*\) => \([^ ]*\).*/\2/p' |
+          head -n 1 | xargs -r readlink -f)"
+        break
+      fi
+    done
   fi
   echo "threads: each program sets its own: lora_layer 1 and 2 (every case both), bench_adapters 1," \
     "bench_allocator 1, toy_transformer $([ $quick = 1 ] && echo 1 || echo '1 and 2')"
@@ -273,7 +282,7 @@ if [ -x "$bin/compare_variants" ]; then
       echo "== plots skipped: no python3 with matplotlib (scripts/plot.sh $out/variants installs it and draws them)"
     fi
   fi
-elif [ $has_variants = 1 ]; then
+elif [ $has_variants = 1 ] && [[ "$skipped" != *",compare_variants,"* ]]; then
   failed+=("compare_variants (not built in $bin)")
 else
   echo
