@@ -52,18 +52,19 @@ done
 cat > "$fake/benchmarks/compare_variants" <<STAND_IN
 #!/usr/bin/env bash
 [ \$# -eq 3 ] && [ "\$1" = --out ] && [ "\$3" = --quick ] || { echo "unexpected arguments: \$*" >&2; exit 64; }
-mkdir -p "\$2" && cp "$here/testdata/"*.csv "\$2/" && echo "stand-in: copied testdata to \$2"
+mkdir -p "\$2/relabel" && cp "$here/testdata/"*.csv "\$2/relabel/" && echo "# stand-in" > "\$2/summary.md" &&
+  echo "stand-in: copied testdata to \$2/relabel"
 STAND_IN
 chmod +x "$fake/benchmarks/compare_variants"
 bash "$bench" --quick --prebuilt "$fake" --skip lora_layer,bench_adapters,bench_allocator,toy_transformer,io_bandwidth \
   --out "$work/variants" > "$work/variants.log" 2>&1 || fail "the run with compare_variants failed: $(cat "$work/variants.log")"
 grep -qx "compare_variants: exit 0, .* s" "$work/variants/summary.txt" ||
   fail "compare_variants did not run: $(cat "$work/variants.log")"
-[ -s "$work/variants/variants/runs.csv" ] || fail "compare_variants wrote nothing to variants/"
+[ -s "$work/variants/variants/relabel/runs.csv" ] || fail "compare_variants wrote nothing to variants/relabel/"
 source "$here/../scripts/common.sh"
 if rankwise_plot_python > /dev/null; then
-  grep -qx "plot_variants: exit 0, .* s" "$work/variants/summary.txt" || fail "no plots: $(cat "$work/variants.log")"
-  [ -s "$work/variants/variants/ranks_alora_seed1.png" ] || fail "the plots are not next to the CSV files"
+  grep -qx "plot_variants_relabel: exit 0, .* s" "$work/variants/summary.txt" || fail "no plots: $(cat "$work/variants.log")"
+  [ -s "$work/variants/variants/relabel/ranks_alora_seed1.png" ] || fail "the plots are not next to the CSV files"
 else
   grep -q "plots skipped" "$work/variants.log" || fail "no note that the plots were skipped"
 fi

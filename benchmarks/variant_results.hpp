@@ -179,10 +179,13 @@ inline std::string format(const char* pattern, double v) {
 
 /// An integer-valued number with thousands separators: 1234567 -> "1,234,567".
 inline std::string grouped(double v) {
-  std::string digits = format("%.0f", std::fabs(v));
-  for (std::ptrdiff_t i = std::ptrdiff_t(digits.size()) - 3; i > 0; i -= 3) digits.insert(std::size_t(i), ",");
-  if (v < 0 && digits != "0") digits.insert(0, "-");
-  return digits;
+  const std::string digits = format("%.0f", std::fabs(v));
+  std::string out = v < 0 && digits != "0" ? "-" : "";
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out.push_back(',');
+    out.push_back(digits[i]);
+  }
+  return out;
 }
 
 inline std::string table_number(Quantity q, double v) {

@@ -274,14 +274,18 @@ fi
 if [ -x "$bin/compare_variants" ]; then
   variant_args=(--out "$out/variants")
   [ $quick = 1 ] && variant_args+=(--quick)
-  run compare_variants "$out/variants/runs.csv" "$out/variants/loss_curves.csv" -- "$bin/compare_variants" "${variant_args[@]}"
-  if [ -s "$out/variants/runs.csv" ]; then
+  # One directory of CSV files per task (relabel, sort, teacher), summary.md over all of them.
+  run compare_variants "$out/variants/summary.md" -- "$bin/compare_variants" "${variant_args[@]}"
+  for task_dir in "$out"/variants/*/; do
+    task_dir="${task_dir%/}"
+    [ -s "$task_dir/runs.csv" ] || continue
     if python="$(rankwise_plot_python)"; then
-      run plot_variants "$out/variants/loss_curves.png" -- "$python" "$RANKWISE_ROOT/benchmarks/plot_variants.py" "$out/variants"
+      run "plot_variants_$(basename "$task_dir")" "$task_dir/loss_curves.png" -- \
+        "$python" "$RANKWISE_ROOT/benchmarks/plot_variants.py" "$task_dir"
     else
-      echo "== plots skipped: no python3 with matplotlib (scripts/plot.sh $out/variants installs it and draws them)"
+      echo "== plots skipped: no python3 with matplotlib (scripts/plot.sh $task_dir installs it and draws them)"
     fi
-  fi
+  done
 elif [ $has_variants = 1 ] && [[ "$skipped" != *",compare_variants,"* ]]; then
   failed+=("compare_variants (not built in $bin)")
 else

@@ -28,6 +28,7 @@
 #include <rankwise/core/types.hpp>
 #include <rankwise/layers/cross_entropy.hpp>
 #include <rankwise/layers/linear.hpp>
+#include <rankwise/models/finetune.hpp>
 #include <rankwise/models/tasks.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 
@@ -703,5 +704,44 @@ inline AllocationComparison compare_allocation(const std::vector<ModuleRank>& tr
   out.spearman = detail::spearman(planted, allocated);
   return out;
 }
+
+// --- the teacher as a Finetuner loss ------------------------------------------------------------
+
+/// The distillation loss as a Finetuner's TrainingLoss: each call runs the teacher (eval mode) on the
+/// batch's tokens and returns KL(q || p) in nats per scored token with its gradient, so that
+/// `Finetuner(student, recipe, validation, std::make_shared<TeacherLoss<float>>(teacher.model()))`
+/// fine-tunes toward the teacher; the allocator's validation loss is then the same KL. A step costs
+/// one teacher forward more than with token cross-entropy. The batch's own hard targets are unused
+/// (DistillPositions picks the scored columns).
+template <FloatScalar Scalar>
+class TeacherLoss final : public TrainingLoss<Scalar> {
+ public:
+  explicit TeacherLoss(ToyTransformer<Scalar>& teacher, const TeacherTaskOptions& options = {})
+      : m_teacher(teacher), m_options(options) {
+    if (!(options.temperature > 0.0) || !std::isfinite(options.temperature))
+      detail::fail("rankwise::TeacherLoss", "temperature must be finite and > 0 (got ", options.temperature, ")");
+  }
+  const char* name() const override { return "distillation"; }
+
+  double forward_backward(const Matrix<Scalar>& logits, const TokenBatch& batch, Matrix<Scalar>& dlogits) override {
+    const double loss = value(logits, batch);
+    m_loss.backward(dlogits);
+    return loss;
+  }
+
+  double value(const Matrix<Scalar>& logits, const TokenBatch& batch) override {
+    if (m_teacher.is_training()) m_teacher.set_training(false);
+    m_teacher.forward(batch.tokens, batch.seq_len, m_teacher_logits);
+    m_target = make_teacher_batch<Scalar>(batch, m_teacher_logits, m_options.temperature, m_options.positions);
+    return m_loss.forward(logits, m_target);
+  }
+
+ private:
+  ToyTransformer<Scalar>& m_teacher;
+  TeacherTaskOptions m_options;
+  Matrix<Scalar> m_teacher_logits;
+  TeacherBatch<Scalar> m_target;
+  DistillationLoss<Scalar> m_loss;
+};
 
 }  // namespace rankwise
