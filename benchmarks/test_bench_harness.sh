@@ -17,8 +17,8 @@ fail() {
 # --- a quick run: every program ran and wrote its results -----------------------------------------
 started=$SECONDS
 # GOTO_NUM_THREADS is OpenBLAS's alone: inert (and recorded so) unless the build uses OpenBLAS.
-# toy_transformer is skipped: its own smoke test runs the same command (and takes most of the time).
-env GOTO_NUM_THREADS=1 bash "$bench" --quick --skip toy_transformer --prebuilt "$build" --out "$work/quick" \
+# toy_transformer and compare_variants are skipped: their own smoke tests run the same commands.
+env GOTO_NUM_THREADS=1 bash "$bench" --quick --skip toy_transformer,compare_variants --prebuilt "$build" --out "$work/quick" \
   > "$work/quick.log" 2>&1 ||
   fail "scripts/bench.sh --quick failed; its output:
 $(cat "$work/quick.log")"
