@@ -22,7 +22,6 @@
 // benchmarks/variant_results.hpp in <out>/<task>/ (plots: benchmarks/plot_variants.py <out>/<task>).
 // Run: build/benchmarks/compare_variants [--quick] [--seeds 3] [--out DIR]   (docs/benchmarks.md)
 #include <rankwise/rankwise.hpp>
-#include <rankwise/models/teacher.hpp>
 
 #include "bench_context.hpp"
 #include "variant_results.hpp"
@@ -33,8 +32,6 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <map>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -129,11 +126,6 @@ std::vector<Method> all_methods(const Settings& s) {
   return chosen;
 }
 
-void copy_weights(Model& from, Model& to) {
-  const std::vector<rankwise::Parameter<float>*> a = from.parameters(), b = to.parameters();
-  for (std::size_t i = 0; i < a.size(); ++i) b[i]->value = a[i]->value;
-}
-
 // Bytes of the adapters' tensors: every trainable parameter, and VeRA's shared bank once.
 Index adapter_bytes(rankwise::Finetuner<float>& tuner) {
   Index bytes = Index(sizeof(float)) * tuner.report().parameters.trainable;
@@ -214,7 +206,7 @@ TaskResults run_task(const std::string& task_name, Model& base, const rankwise::
     for (int seed = 1; seed <= s.seeds; ++seed) {
       Random init_rng(1);
       Model model(base.config(), init_rng);
-      copy_weights(base, model);
+      model.copy_parameters_from(base);
       rankwise::FinetuneRecipe recipe = method.recipe;
       recipe.seed = std::uint64_t(seed);
       Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);

@@ -58,19 +58,14 @@ double model_gradient_error(ToyTransformer<double>& model, const Data& d, Index 
   model.backward(dlogits);
   double worst = 0.0;
   *checked = 0;
-  const double h = 1e-6;
   for (rankwise::Parameter<double>* p : model.parameters()) {
     if (!p->trainable) continue;
     const Matrix<double> analytic = p->grad;
+    const Matrix<double> numeric =
+        rankwise::test_support::central_differences(p->value, [&] { return loss_of(model, d, seq_len); });
     for (Index i = 0; i < p->value.size(); ++i) {
-      const double saved = p->value.data()[i];
-      p->value.data()[i] = saved + h;
-      const double lp = loss_of(model, d, seq_len);
-      p->value.data()[i] = saved - h;
-      const double lm = loss_of(model, d, seq_len);
-      p->value.data()[i] = saved;
-      const double numeric = (lp - lm) / (2 * h);
-      worst = std::max(worst, std::abs(analytic.data()[i] - numeric) / std::max(1.0, std::abs(numeric)));
+      const double n = numeric.data()[i];
+      worst = std::max(worst, std::abs(analytic.data()[i] - n) / std::max(1.0, std::abs(n)));
       ++*checked;
     }
   }
@@ -197,6 +192,35 @@ TEST_CASE("ToyTransformer: bad input is rejected", "[models][toy_transformer][er
   CHECK_THROWS_WITH(model.forward(bad_id, 4, logits), Catch::Contains("[0, 16) (got 16)"));
   CHECK_THROWS_WITH(model.linear("layers.7.attn.q_proj"), Catch::Contains("no linear module at path"));
   CHECK_THROWS_AS(ToyTransformer<float>({.d_model = 10, .heads = 3}, rng), rankwise::InvalidArgument);
+}
+
+TEST_CASE("ToyTransformer: copy_parameters_from gives the same model, or refuses and changes nothing", "[models][toy_transformer]") {
+  Random rng(8);
+  ToyTransformer<double> a(kTiny, rng), b(kTiny, rng);
+  const Data d = tiny_data(rng, 2, 4, kTiny.vocab);
+  Matrix<double> ya, yb;
+  a.set_training(false);
+  b.set_training(false);
+  a.forward(d.tokens, 4, ya);
+  b.forward(d.tokens, 4, yb);
+  REQUIRE_FALSE(ya == yb);
+  b.copy_parameters_from(a);
+  b.forward(d.tokens, 4, yb);
+  CHECK(ya == yb);
+
+  ToyTransformerConfig wider = kTiny;
+  wider.d_ff = 16;
+  ToyTransformer<double> other(wider, rng);
+  CHECK_THROWS_WITH(other.copy_parameters_from(a), Catch::Contains("the same configuration"));
+  InjectionOptions lora;
+  lora.target_modules = {"q_proj"};
+  lora.adapter.name = "lora";
+  lora.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
+  rankwise::inject_adapters(b, lora, rng);
+  const Matrix<double> before = b.parameters().front()->value;
+  rankwise::fill_normal(a.parameters().front()->value, 0.0, 1.0, rng);
+  CHECK_THROWS_WITH(b.copy_parameters_from(a), Catch::Contains("the same tensors"));
+  CHECK(b.parameters().front()->value == before);
 }
 
 TEST_CASE("ToyTransformer: fine-tuning lowers the loss for every adapter, frozen weights never move, and a seed reproduces the curve",

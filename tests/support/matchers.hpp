@@ -48,6 +48,24 @@ IsCloseTo<Scalar> is_close_to(const Matrix<Scalar>& expected, double rel = 1e-5,
   return IsCloseTo<Scalar>(expected, rel, abs);
 }
 
+/// Central differences of a scalar function at every entry of x (in double):
+/// numeric(i, j) = (f() with x(i, j) + h  -  f() with x(i, j) - h) / 2h. `f` reads x (a loss of a
+/// model whose parameter x is, or a loss of the matrix x itself); every entry is restored bit for bit.
+template <typename F>
+Matrix<double> central_differences(Matrix<double>& x, F&& f, double h = 1e-6) {
+  Matrix<double> numeric(x.rows(), x.cols());
+  for (Index i = 0; i < x.size(); ++i) {
+    const double saved = x.data()[i];
+    x.data()[i] = saved + h;
+    const double plus = f();
+    x.data()[i] = saved - h;
+    const double minus = f();
+    x.data()[i] = saved;
+    numeric.data()[i] = (plus - minus) / (2 * h);
+  }
+  return numeric;
+}
+
 /// Entries drawn from N(0, 1) with the given generator.
 template <typename Scalar>
 Matrix<Scalar> random_matrix(Index rows, Index cols, Random& rng) {

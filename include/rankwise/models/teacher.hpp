@@ -255,7 +255,7 @@ class PlantedTeacher {
   PlantedTeacher(ToyTransformer<Scalar>& base, std::vector<ModuleRank> plan, const PlantOptions& options, Random& rng)
       : m_options(checked(options)), m_model(same_shape(base.config())) {
     validate(base, plan);
-    copy_parameters(base);
+    m_model.copy_parameters_from(base);
     m_model.set_base_trainable(false);
     m_model.set_training(false);
     for (const ModuleRank& entry : plan) plant(entry, rng);
@@ -403,15 +403,6 @@ class PlantedTeacher {
       if (linear.weight().template cast<double>().norm() == 0.0)
         detail::fail("rankwise::PlantedTeacher", "the weight of '", entry.path,
                      "' is zero, and the planted scale is relative to its size");
-    }
-  }
-
-  void copy_parameters(ToyTransformer<Scalar>& base) {
-    const std::vector<Parameter<Scalar>*> from = base.parameters(), to = m_model.parameters();
-    RANKWISE_ASSERT(from.size() == to.size(), "the teacher has the base's shape");
-    for (std::size_t i = 0; i < from.size(); ++i) {
-      RANKWISE_ASSERT(from[i]->name == to[i]->name, "the teacher names its tensors like the base");
-      to[i]->value = from[i]->value;
     }
   }
 

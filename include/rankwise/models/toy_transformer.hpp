@@ -144,6 +144,23 @@ class ToyTransformer {
     return params;
   }
 
+  /// Copies the values of every tensor of `other` into this model (a teacher or a fresh run built from
+  /// a base). Both must have the same configuration and hold the same tensors by name (adapt neither,
+  /// or both alike); otherwise InvalidArgument and nothing changes.
+  void copy_parameters_from(ToyTransformer& other) {
+    if (!(other.config() == config()))
+      detail::fail("rankwise::ToyTransformer", "copy_parameters_from: the models must have the same configuration");
+    const std::vector<Parameter<Scalar>*> from = other.parameters(), to = parameters();
+    bool same = from.size() == to.size();
+    for (std::size_t i = 0; same && i < from.size(); ++i)
+      same = from[i]->name == to[i]->name && from[i]->value.rows() == to[i]->value.rows() &&
+             from[i]->value.cols() == to[i]->value.cols();
+    if (!same)
+      detail::fail("rankwise::ToyTransformer", "copy_parameters_from: the models must hold the same tensors (got ",
+                   from.size(), " and ", to.size(), " tensors, or names or shapes that differ)");
+    for (std::size_t i = 0; i < from.size(); ++i) to[i]->value = from[i]->value;
+  }
+
   /// Zeroes every gradient (without building a parameter list: a steady-state step allocates nothing).
   void zero_grad() {
     m_embed_tokens.zero_grad();
