@@ -197,6 +197,14 @@ TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports 
 }
 
 TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[models][finetune]") {
+  {
+    Random rng(7);
+    ToyTransformer<float> model(kTiny, rng);
+    Finetuner<float> never_stepped(model, tiny_recipe("alora"), validation_batch());
+    CHECK(never_stepped.finish() == rankwise::Status::NotApplied);
+    CHECK_THAT(never_stepped.report().message,
+               Catch::Contains("the allocator never acted: training ended at step 0 but the first round was due at step 8"));
+  }
   Random rng(7);
   ToyTransformer<float> model(kTiny, rng);
   Finetuner<float> tuner(model, tiny_recipe("alora"), validation_batch());
