@@ -367,7 +367,7 @@ TEST_CASE("Finetuner: the loss is pluggable, for training and for the allocator'
   CHECK(soft->calls == 12 + 2 * 48 + 1);
 }
 
-TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit; another configuration is refused",
+TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit, and one of another configuration is refused",
           "[models][base_checkpoint]") {
   TempDir dir("base_checkpoint");
   Random rng(1);
