@@ -24,6 +24,7 @@
 #include <rankwise/models/finetune.hpp>
 #include <rankwise/models/injection.hpp>
 #include <rankwise/models/tasks.hpp>
+#include <rankwise/models/teacher.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 
 #include <rankwise/adapters/any_linear.hpp>

@@ -312,6 +312,10 @@ struct FinetuneRecipe {
   std::uint64_t seed = 1;                     ///< adapters' init, VeRA's bank, samplers, allocator (not the data)
   /// ALoRA's schedule; unset: K1 = steps / 5, K2 = steps / 10, N_A = 4 rounds, budget = initial ranks.
   std::optional<RankAllocatorOptions> allocator{};
+  /// ALoRA's importance scores: "ablation" (AB-LoRA, the paper's; needs the validation batch),
+  /// "sensitivity" (AdaLoRA's smoothed |w dL/dw| with its uncertainty, from the training gradients)
+  /// or "magnitude" (|B| |A| per rank, a cheap baseline).
+  std::string importance = "ablation";
 };
 
 /// The end of a run, for summaries.
@@ -525,6 +529,7 @@ class Finetuner {
     j["steps"] = r.steps;
     j["clip_norm"] = r.clip_norm;
     j["seed"] = r.seed;
+    j["importance"] = r.importance;
     if (r.allocator)
       j["allocator"] = {{"warmup_steps", r.allocator->warmup_steps}, {"rounds", r.allocator->rounds},
                         {"recovery_steps", r.allocator->recovery_steps}, {"ranks_per_round", r.allocator->ranks_per_round}};
@@ -582,7 +587,11 @@ class Finetuner {
     if (r.melora_n < 1) detail::fail(where, "melora_n must be >= 1 (got ", r.melora_n, ")");
     if (r.allocator && r.adapter != "alora")
       detail::fail(where, "allocator options apply to adapter \"alora\" (got \"", r.adapter, "\")");
-    if (r.adapter == "alora") {
+    if (r.importance != "ablation" && r.importance != "sensitivity" && r.importance != "magnitude")
+      detail::fail(where, "importance must be one of ablation, sensitivity, magnitude (got \"", r.importance, "\")");
+    if (r.importance != "ablation" && r.adapter != "alora")
+      detail::fail(where, "importance \"", r.importance, "\" applies to adapter \"alora\" (got \"", r.adapter, "\")");
+    if (r.adapter == "alora" && r.importance == "ablation") {
       if (validation.batch < 1)
         detail::fail(where, "adapter \"alora\" needs a validation batch for its importance scores (got none)");
       detail::check_batch(where, model, validation);
@@ -656,7 +665,12 @@ class Finetuner {
       std::vector<RankModule<Scalar>> modules;
       for (const InjectedModule<Scalar>& m : m_injection.modules)
         modules.emplace_back(m.slot->template as<LoRA<Scalar>>(), m.path);
-      m_ablation = std::make_unique<AblationImportance<Scalar>>([this] { return validation_loss(); });
+      if (m_recipe.importance == "sensitivity")
+        m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
+      else if (m_recipe.importance == "magnitude")
+        m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
+      else
+        m_estimator = std::make_unique<AblationImportance<Scalar>>([this] { return validation_loss(); });
       RankAllocatorOptions options;
       if (m_recipe.allocator) {
         options = *m_recipe.allocator;
@@ -666,7 +680,7 @@ class Finetuner {
         options.recovery_steps = std::max(1L, m_recipe.steps / 10);  // K2
       }
       if (options.total_steps == 0) options.total_steps = m_recipe.steps;
-      m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_ablation, options, m_rng);
+      m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
       m_allocator->add_optimizer(m_optimizer);
     }
   }
@@ -721,7 +735,7 @@ class Finetuner {
   std::vector<RankWindow> m_windows;
   std::optional<DyLoRASampler> m_dylora_sampler;
   std::optional<ERATSampler> m_erat_sampler;
-  std::unique_ptr<AblationImportance<Scalar>> m_ablation;
+  std::unique_ptr<ImportanceEstimator<Scalar>> m_estimator;
   std::unique_ptr<RankAllocator<Scalar>> m_allocator;
   // the step
   Matrix<Scalar> m_logits, m_dlogits;
