@@ -197,6 +197,14 @@ TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports 
 }
 
 TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[models][finetune]") {
+  {
+    Random rng(7);
+    ToyTransformer<float> model(kTiny, rng);
+    Finetuner<float> never_stepped(model, tiny_recipe("alora"), validation_batch());
+    CHECK(never_stepped.finish() == rankwise::Status::NotApplied);
+    CHECK_THAT(never_stepped.report().message,
+               Catch::Contains("the allocator never acted: training ended at step 0 but the first round was due at step 8"));
+  }
   Random rng(7);
   ToyTransformer<float> model(kTiny, rng);
   Finetuner<float> tuner(model, tiny_recipe("alora"), validation_batch());
@@ -359,7 +367,7 @@ TEST_CASE("Finetuner: the loss is pluggable, for training and for the allocator'
   CHECK(soft->calls == 12 + 2 * 48 + 1);
 }
 
-TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit; another configuration is refused",
+TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit, and one of another configuration is refused",
           "[models][base_checkpoint]") {
   TempDir dir("base_checkpoint");
   Random rng(1);
