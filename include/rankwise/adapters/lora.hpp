@@ -151,10 +151,10 @@ class LoRA {
     if (!branch_active()) return;
     branch_parameter_gradients(dy);
     if (m_training && m_options.dropout > 0.0) {
-      m_dx_branch.noalias() = m_A.value.transpose() * m_t.transpose();
+      m_dx_branch.noalias() = m_A.value.transpose() * m_t;
       dx.array() += m_dx_branch.array() * m_mask.array();
     } else {
-      dx.noalias() += m_A.value.transpose() * m_t.transpose();
+      dx.noalias() += m_A.value.transpose() * m_t;
     }
   }
 
@@ -320,14 +320,12 @@ class LoRA {
     } else if (m_training) {
       m_x = x;
     }
-    // U is kept transposed (n x r): with the n tokens as the product's long side, Eigen's kernel runs
-    // on full register tiles, where r rows (r = 8) would leave most of them empty.
     if (drop || (m_training && !borrow))
-      m_u.noalias() = m_x.transpose() * m_A.value.transpose();
+      m_u.noalias() = m_A.value * m_x;
     else
-      m_u.noalias() = x.transpose() * m_A.value.transpose();
-    if (!m_unit_gates) m_u.array().rowwise() *= m_gates.transpose().array();
-    y.noalias() += Scalar(scale()) * (m_B.value * m_u.transpose());
+      m_u.noalias() = m_A.value * x;
+    if (!m_unit_gates) m_u.array().colwise() *= m_gates.array();
+    y.noalias() += Scalar(scale()) * (m_B.value * m_u);
   }
 
   void check_backward(const ConstRef<Scalar>& dy) const {
@@ -339,22 +337,19 @@ class LoRA {
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
   }
 
-  /// dB += s dy u^T, t = diag(g) s B^T dy, dA += t x^T (x: the branch's input of the forward); u and t
-  /// are stored transposed.
+  /// dB += s dy u^T, t = diag(g) s B^T dy, dA += t x^T (x: the branch's input of the forward).
   void branch_parameter_gradients(const ConstRef<Scalar>& dy) {
     const Scalar s = Scalar(scale());
-    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u);
-    // n x r (transposed, like U): dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled
-    // operand to the heap.
-    m_t.noalias() = dy.transpose() * m_B.value;
+    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
+    // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
+    m_t.noalias() = m_B.value.transpose() * dy;
     m_t *= s;
-    if (!m_unit_gates) m_t.array().rowwise() *= m_gates.transpose().array();
+    if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
     if (m_A.wants_grad()) {
       const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
       if (x.cols() != dy.cols() || x.rows() != in_features())
         detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
-      m_dA.noalias() = x * m_t;  // dA^T, in x r: the long side n is the depth, r the short output side
-      m_A.grad += m_dA.transpose();
+      m_A.grad.noalias() += m_t * x.transpose();
     }
   }
 
@@ -405,9 +400,8 @@ class LoRA {
   MatrixType m_x;          // input of the adapter branch (after dropout), in x n
   const MatrixType* m_borrowed_x = nullptr;  // or the caller's input, after forward_borrowed()
   MatrixType m_mask;       // dropout mask scaled by 1/(1-p), in x n
-  MatrixType m_u;          // (diag(g) A x)^T, n x r
-  MatrixType m_t;          // (diag(g) s B^T dy)^T, n x r
-  MatrixType m_dA;         // this step's dA^T, in x r
+  MatrixType m_u;          // diag(g) A x, r x n
+  MatrixType m_t;          // diag(g) s B^T dy, r x n
   MatrixType m_dx_branch;  // A^T t before the mask, in x n
 };
 
