@@ -47,4 +47,13 @@
 #include <rankwise/rank/importance.hpp>
 #include <rankwise/rank/module.hpp>
 
+#include <rankwise/io/atomic_file.hpp>
+#include <rankwise/io/checkpoint.hpp>
+#include <rankwise/io/named_adapter.hpp>
+#include <rankwise/io/peft.hpp>
+#include <rankwise/io/peft_config.hpp>
+#include <rankwise/io/rankwise_adapter.hpp>
+#include <rankwise/io/safetensors.hpp>
+#include <rankwise/io/state.hpp>
+
 #include <rankwise/testing/gradient_check.hpp>

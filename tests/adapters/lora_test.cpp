@@ -454,6 +454,51 @@ TEST_CASE("LoRA: invalid options and calls are rejected, naming what must hold",
   }
 }
 
+TEST_CASE("LoRA: assign_factors and set_scaling restore a saved state exactly", "[adapters][lora]") {
+  Random rng(21);
+  LoRA<float> source(Linear<float>(6, 5, rng), {.rank = 4, .alpha = 12.0, .use_rslora = true}, rng);
+  randomize_adapter(source, rng);
+  const std::vector<Index> drop = {1};
+  source.remove_ranks(drop);  // rank 3, scale still alpha / sqrt(4)
+  LoRA<float> target(source.base(), {.rank = 2, .alpha = 1.0}, rng);
+  target.set_gate(0, 0.5);
+  target.assign_factors(source.A(), source.B());
+  target.set_scaling(source.alpha(), source.scale_rank(), source.options().use_rslora);
+  CHECK(target.rank() == 3);
+  CHECK(target.scale() == source.scale());
+  CHECK(target.gates() == Matrix<float>::Ones(3, 1));  // gates reset
+  CHECK(target.A_parameter().grad == Matrix<float>::Zero(3, 6));
+  const Matrix<float> x = random_matrix<float>(6, 4, rng);
+  Matrix<float> y_source, y_target;
+  source.forward(x, y_source);
+  target.forward(x, y_target);
+  CHECK(y_target == y_source);  // bit for bit
+
+  target.set_scale(0.1 + 0.2);  // any double, not only alpha / r0
+  CHECK(target.scale() == 0.1 + 0.2);
+  target.set_scaling(2.0, 4, false);  // back to the formula
+  CHECK(target.scale() == 0.5);
+
+  target.assign_factors(Matrix<float>(0, 6), Matrix<float>(5, 0));  // rank 0 is a valid state
+  CHECK(target.rank() == 0);
+}
+
+TEST_CASE("LoRA: assign_factors and set_scaling reject bad input", "[adapters][lora][errors]") {
+  Random rng(22);
+  LoRA<float> lora(Linear<float>(4, 3, rng), {.rank = 2}, rng);
+  CHECK_THROWS_WITH(lora.assign_factors(Matrix<float>(2, 5), Matrix<float>(3, 2)),
+                    Catch::Contains("[rankwise::LoRA] assign_factors: need A r x 4 and B 3 x r (got A 2 x 5, B 3 x 2)"));
+  CHECK_THROWS_WITH(lora.assign_factors(Matrix<float>(2, 4), Matrix<float>(3, 1)), Catch::Contains("got A 2 x 4, B 3 x 1"));
+  CHECK(lora.rank() == 2);
+  CHECK_THROWS_WITH(lora.set_scaling(0.0, 2, false), Catch::Contains("alpha must be a finite number > 0 (got 0)"));
+  CHECK_THROWS_WITH(lora.set_scaling(1.0, 0, false), Catch::Contains("scale rank must be >= 1 (got 0)"));
+  CHECK_THROWS_WITH(lora.set_scale(-1.0), Catch::Contains("scale must be a finite number > 0 (got -1)"));
+  lora.merge();
+  CHECK_THROWS_AS(lora.assign_factors(Matrix<float>(1, 4), Matrix<float>(3, 1)), rankwise::StateError);
+  CHECK_THROWS_AS(lora.set_scaling(1.0, 1, false), rankwise::StateError);
+  CHECK_THROWS_AS(lora.set_scale(1.0), rankwise::StateError);
+}
+
 static_assert(rankwise::Layer<LoRA<double>>);
 static_assert(rankwise::Adapter<LoRA<float>>);
 static_assert(rankwise::RankAdjustable<LoRA<double>>);

@@ -215,4 +215,59 @@ TEST_CASE("AdamW: invalid options are rejected", "[optim][adamw][errors]") {
   CHECK_THROWS_AS(opt.set_lr_factor(-1.0), rankwise::InvalidArgument);
 }
 
+TEST_CASE("AdamW: restore() puts back moments and per-slice steps, so training continues identically",
+          "[optim][adamw]") {
+  Random rng(5);
+  rankwise::LoRA<float> lora(rankwise::Linear<float>(6, 6, rng), {.rank = 4}, rng);
+  lora.B_parameter().value = random_matrix<float>(6, 4, rng);
+  AdamW<float> opt(lora.parameters(), {.lr = 0.01});
+  const auto train = [&](rankwise::LoRA<float>& layer, AdamW<float>& o, Random& data) {
+    const Matrix<float> x = random_matrix<float>(6, 3, data), dy = random_matrix<float>(6, 3, data);
+    Matrix<float> y, dx;
+    layer.zero_grad();
+    layer.forward(x, y);
+    layer.backward(dy, dx);
+    o.step();
+  };
+  train(lora, opt, rng);
+  const std::vector<Index> gone = {2};
+  opt.follow(lora.remove_ranks(gone));
+  opt.follow(lora.add_ranks(2, rng));  // per-slice step counts now differ: {1, 1, 1, 0, 0}
+  train(lora, opt, rng);
+  REQUIRE(opt.state_of("lora_A.weight")->steps(3) == 1.0);
+
+  rankwise::LoRA<float> copy = lora;
+  AdamW<float> restored(copy.parameters(), {.lr = 0.01});
+  restored.restore(opt.step_count(), opt.states());
+  CHECK(restored.step_count() == 2);
+  Random data_a(9), data_b(9);
+  for (int i = 0; i < 3; ++i) {
+    train(lora, opt, data_a);
+    train(copy, restored, data_b);
+  }
+  CHECK(copy.A() == lora.A());
+  CHECK(copy.B() == lora.B());
+}
+
+TEST_CASE("AdamW: restore() rejects state that does not fit the parameters", "[optim][adamw][errors]") {
+  Parameter<float> p{"p", Matrix<float>::Ones(2, 3), Matrix<float>::Zero(2, 3), true, false};
+  AdamW<float> opt({&p}, {});
+  using State = AdamW<float>::State;
+  const auto state = [](Index rows, Index cols, Index steps) {
+    State s;
+    s.m.setZero(rows, cols);
+    s.v.setZero(rows, cols);
+    s.steps.setZero(steps);
+    return s;
+  };
+  CHECK_THROWS_WITH(opt.restore(1, {{"q", state(2, 3, 2)}}), Catch::Contains("'q', which is not a parameter"));
+  CHECK_THROWS_WITH(opt.restore(1, {{"p", state(3, 2, 3)}}),
+                    Catch::Contains("must be 2 x 3 like the parameter (got m 3 x 2, v 3 x 2)"));
+  CHECK_THROWS_WITH(opt.restore(1, {{"p", state(2, 3, 3)}}), Catch::Contains("needs 2 step counts, one per row (got 3)"));
+  State negative = state(2, 3, 2);
+  negative.steps(0) = -1.0;
+  CHECK_THROWS_WITH(opt.restore(1, {{"p", negative}}), Catch::Contains("finite and >= 0"));
+  CHECK(opt.states().empty());
+}
+
 static_assert(rankwise::Optimizer<AdamW<double>>);

@@ -94,4 +94,34 @@ TEST_CASE("SGD: invalid options are rejected", "[optim][sgd][errors]") {
   CHECK_THROWS_AS(SGD<float>({&p}, {.nesterov = true}), rankwise::InvalidArgument);
 }
 
+TEST_CASE("SGD: restore() puts back saved momentum, so training continues identically", "[optim][sgd]") {
+  Random rng(3);
+  Parameter<double> a{"a", random_matrix<double>(3, 2, rng), {}, true, false};
+  Parameter<double> b = a;
+  const Matrix<double> g1 = random_matrix<double>(3, 2, rng), g2 = random_matrix<double>(3, 2, rng);
+  SGD<double> first({&a}, {.lr = 0.1, .momentum = 0.9});
+  a.grad = g1;
+  first.step();
+  SGD<double> second({&b}, {.lr = 0.1, .momentum = 0.9});
+  b.value = a.value;
+  second.restore(first.step_count(), first.velocities());
+  a.grad = g2;
+  b.grad = g2;
+  first.step();
+  second.step();
+  CHECK(b.value == a.value);
+  CHECK(second.step_count() == 2);
+}
+
+TEST_CASE("SGD: restore() rejects state that does not fit the parameters", "[optim][sgd][errors]") {
+  Parameter<float> p{"p", Matrix<float>::Ones(2, 2), Matrix<float>::Zero(2, 2), true, false};
+  SGD<float> opt({&p}, {.momentum = 0.5});
+  CHECK_THROWS_WITH(opt.restore(1, {{"q", Matrix<float>::Zero(2, 2)}}),
+                    Catch::Contains("momentum for 'q', which is not a parameter of this optimizer"));
+  CHECK_THROWS_WITH(opt.restore(1, {{"p", Matrix<float>::Zero(2, 3)}}),
+                    Catch::Contains("must be 2 x 2 like the parameter (got 2 x 3)"));
+  CHECK_THROWS_WITH(opt.restore(-1, {}), Catch::Contains("step count must be >= 0"));
+  CHECK(opt.step_count() == 0);
+}
+
 static_assert(rankwise::Optimizer<SGD<float>>);

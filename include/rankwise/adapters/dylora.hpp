@@ -20,6 +20,7 @@
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
+#include <rankwise/detail/merged_weight.hpp>
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
@@ -93,7 +94,7 @@ class DyLoRA {
     if (lo < 0 || lo >= b || b > max_rank())
       detail::fail("rankwise::DyLoRA", "window [lo, b) must satisfy 0 <= lo < b <= r_max = ", max_rank(), " (got [",
                    lo, ", ", b, "))");
-    if (m_merged && b != m_rank)
+    if (m_merge.is_merged() && b != m_rank)
       detail::fail<StateError>("rankwise::DyLoRA", "cannot change the active rank of a merged adapter (merged at ",
                                m_rank, ", asked ", b, "); unmerge() first");
     m_rank = b;
@@ -129,7 +130,7 @@ class DyLoRA {
                    x.rows(), " x ", x.cols(), ")");
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
-    if (m_merged) return;
+    if (m_merge.is_merged()) return;
     const Index b = m_rank;
     // Buffers hold r_max rows, so a step at another rank reuses them instead of reallocating.
     if (m_u.rows() != max_rank() || m_u.cols() != x.cols()) m_u.resize(max_rank(), x.cols());
@@ -144,7 +145,8 @@ class DyLoRA {
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     if (m_cached_cols < 0)
       detail::fail<StateError>("rankwise::DyLoRA", "backward() needs a forward() in training mode first");
-    if (m_merged) detail::fail<StateError>("rankwise::DyLoRA", "backward() on a merged adapter; unmerge() first");
+    if (m_merge.is_merged())
+      detail::fail<StateError>("rankwise::DyLoRA", "backward() on a merged adapter; unmerge() first");
     if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
       detail::fail("rankwise::DyLoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
@@ -196,21 +198,11 @@ class DyLoRA {
 
   /// W <- W + delta_weight() at the active rank; unmerge() restores W bit for bit.
   void merge() {
-    if (m_merged) detail::fail<StateError>("rankwise::DyLoRA", "merge(): the adapter is already merged");
-    MatrixType merged = m_base.weight() + delta_weight();
-    MatrixType original = m_base.weight();
-    m_base.assign_weight(merged);
-    m_original_weight.swap(original);
-    m_merged = true;
+    m_merge.merge(m_base, [this] { return delta_weight(); }, "rankwise::DyLoRA");
   }
 
-  void unmerge() {
-    if (!m_merged) detail::fail<StateError>("rankwise::DyLoRA", "unmerge(): the adapter is not merged");
-    m_base.assign_weight(m_original_weight);
-    m_original_weight.resize(0, 0);
-    m_merged = false;
-  }
-  bool is_merged() const { return m_merged; }
+  void unmerge() { m_merge.unmerge(m_base, "rankwise::DyLoRA"); }
+  bool is_merged() const { return m_merge.is_merged(); }
 
   /// The plain LoRA of rank b that computes exactly this adapter at rank b: A[:b], B[:, :b], alpha / b.
   LoRAFactors<Scalar> lora_factors(Index b) const {
@@ -232,11 +224,10 @@ class DyLoRA {
   Parameter<Scalar> m_B;
   Index m_rank = 0;  // b
   Index m_lo = 0;    // first trained component
-  bool m_merged = false;
+  detail::MergedWeight<Scalar> m_merge;
   bool m_training = true;
   Index m_cached_cols = -1;
   Index m_cached_rank = 0;
-  MatrixType m_original_weight;  // base weight before merge()
   // Buffers reused across steps (r_max rows each, used up to the active rank).
   MatrixType m_x;  // input, in x n
   MatrixType m_u;  // A[:b] x, r_max x n

@@ -17,10 +17,12 @@
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
+#include <rankwise/detail/merged_weight.hpp>
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -98,6 +100,7 @@ class LoRA {
   const LoRAOptions& options() const { return m_options; }
   /// s = alpha / r0, or alpha / sqrt(r0) with rsLoRA.
   double scale() const {
+    if (m_exact_scale) return *m_exact_scale;
     return m_options.use_rslora ? m_options.alpha / std::sqrt(double(m_scale_rank))
                                 : m_options.alpha / double(m_scale_rank);
   }
@@ -117,7 +120,7 @@ class LoRA {
 
   /// Disabled: the layer is exactly its base (forward and backward skip the adapter branch).
   void set_enabled(bool enabled) {
-    if (m_merged && !enabled)
+    if (m_merge.is_merged() && !enabled)
       detail::fail<StateError>("rankwise::LoRA", "cannot disable a merged adapter; unmerge() first");
     m_enabled = enabled;
   }
@@ -132,6 +135,46 @@ class LoRA {
 
   /// The generator that draws dropout masks (for checkpoints, or to replay a mask).
   Random& dropout_generator() { return m_dropout_rng; }
+  const Random& dropout_generator() const { return m_dropout_rng; }
+
+  /// Replaces A (r x in) and B (out x r), as loaders do; the rank becomes r (0 allowed). Gates reset
+  /// to 1 and gradients to 0; the scale is unchanged. Strong guarantee: on error nothing changes.
+  void assign_factors(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B) {
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "assign_factors(): unmerge() first");
+    if (A.cols() != in_features() || B.rows() != out_features() || A.rows() != B.cols())
+      detail::fail("rankwise::LoRA", "assign_factors: need A r x ", in_features(), " and B ", out_features(),
+                   " x r (got A ", A.rows(), " x ", A.cols(), ", B ", B.rows(), " x ", B.cols(), ")");
+    MatrixType a = A, b = B;
+    m_A.value.swap(a);
+    m_B.value.swap(b);
+    m_A.zero_grad();
+    m_B.zero_grad();
+    reset_gates();
+    m_cached_cols = -1;
+  }
+
+  /// Sets how the scale is computed: s = alpha / r0, or alpha / sqrt(r0) with rsLoRA (loaders use it
+  /// to reproduce a file's scale exactly). Requires alpha finite and > 0, r0 >= 1.
+  void set_scaling(double alpha, Index scale_rank, bool use_rslora) {
+    if (!(alpha > 0.0) || !std::isfinite(alpha))
+      detail::fail("rankwise::LoRA", "set_scaling: alpha must be a finite number > 0 (got ", alpha, ")");
+    if (scale_rank < 1) detail::fail("rankwise::LoRA", "set_scaling: scale rank must be >= 1 (got ", scale_rank, ")");
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "set_scaling(): unmerge() first");
+    m_options.alpha = alpha;
+    m_options.use_rslora = use_rslora;
+    m_scale_rank = scale_rank;
+    m_exact_scale.reset();
+  }
+
+  /// Sets s itself, for loaders that must give back a saved scale to the last bit (alpha / r0 cannot
+  /// express every double). alpha() and scale_rank() keep describing how s was chosen; set_scaling()
+  /// returns to the formula. Requires s finite and > 0.
+  void set_scale(double scale) {
+    if (!(scale > 0.0) || !std::isfinite(scale))
+      detail::fail("rankwise::LoRA", "set_scale: scale must be a finite number > 0 (got ", scale, ")");
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "set_scale(): unmerge() first");
+    m_exact_scale = scale;
+  }
 
   // --- the Layer contract ----------------------------------------------------------------------
   /// y = W x + b + s B diag(g) A drop(x). In training mode caches what backward() needs (a copy of x).
@@ -192,23 +235,13 @@ class LoRA {
 
   /// W <- W + delta_weight(); the original W is kept so that unmerge() restores it bit for bit.
   void merge() {
-    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "merge(): the adapter is already merged");
     if (!m_enabled) detail::fail<StateError>("rankwise::LoRA", "merge(): the adapter is disabled");
-    MatrixType merged = m_base.weight() + delta_weight();
-    MatrixType original = m_base.weight();
-    m_base.assign_weight(merged);
-    m_original_weight.swap(original);
-    m_merged = true;
+    m_merge.merge(m_base, [this] { return delta_weight(); }, "rankwise::LoRA");
   }
 
   /// Restores the base weight exactly as it was before merge().
-  void unmerge() {
-    if (!m_merged) detail::fail<StateError>("rankwise::LoRA", "unmerge(): the adapter is not merged");
-    m_base.assign_weight(m_original_weight);
-    m_original_weight.resize(0, 0);
-    m_merged = false;
-  }
-  bool is_merged() const { return m_merged; }
+  void unmerge() { m_merge.unmerge(m_base, "rankwise::LoRA"); }
+  bool is_merged() const { return m_merge.is_merged(); }
 
   // --- gates and rank surgery --------------------------------------------------------------------
   /// Multiplier of rank i (1 by default; 0 ablates it without changing shapes).
@@ -232,7 +265,7 @@ class LoRA {
   /// lose those rows/columns; the survivors keep their order and values. Returns what changed so an
   /// optimizer can follow. Strong guarantee: on error nothing changes.
   RankChange remove_ranks(std::span<const Index> indices) {
-    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "remove_ranks(): unmerge() first");
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "remove_ranks(): unmerge() first");
     const Index r = rank();
     std::vector<char> removed(static_cast<std::size_t>(r), 0);
     for (Index i : indices) {
@@ -270,7 +303,7 @@ class LoRA {
   /// Appends k fresh ranks: new rows of A drawn like A's init, new columns of B zero, gates 1, so the
   /// function is unchanged. The rank may not exceed min(in, out).
   RankChange add_ranks(Index k, Random& rng) {
-    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "add_ranks(): unmerge() first");
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "add_ranks(): unmerge() first");
     const Index r = rank();
     const Index limit = std::min(in_features(), out_features());
     if (k < 0 || r + k > limit)
@@ -300,7 +333,7 @@ class LoRA {
   }
 
  private:
-  bool branch_active() const { return m_enabled && !m_merged && rank() > 0; }
+  bool branch_active() const { return m_enabled && !m_merge.is_merged() && rank() > 0; }
 
   void forward_impl(const ConstRef<Scalar>& x, MatrixType& y, const MatrixType* borrow) {
     if (x.rows() != in_features())
@@ -331,7 +364,8 @@ class LoRA {
   void check_backward(const ConstRef<Scalar>& dy) const {
     if (m_cached_cols < 0)
       detail::fail<StateError>("rankwise::LoRA", "backward() needs a forward() in training mode first");
-    if (m_merged) detail::fail<StateError>("rankwise::LoRA", "backward() on a merged adapter; unmerge() first");
+    if (m_merge.is_merged())
+      detail::fail<StateError>("rankwise::LoRA", "backward() on a merged adapter; unmerge() first");
     if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
       detail::fail("rankwise::LoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
@@ -386,16 +420,16 @@ class LoRA {
   Base m_base;
   LoRAOptions m_options;
   Index m_scale_rank = 0;
+  std::optional<double> m_exact_scale;  // set_scale(): overrides alpha / r0
   Parameter<Scalar> m_A;
   Parameter<Scalar> m_B;
   VectorType m_gates;
   bool m_unit_gates = true;
   bool m_enabled = true;
-  bool m_merged = false;
+  detail::MergedWeight<Scalar> m_merge;
   bool m_training = true;
   Index m_cached_cols = -1;
   Random m_dropout_rng;
-  MatrixType m_original_weight;  // base weight before merge()
   // Buffers reused across steps, so a steady-state step does not allocate.
   MatrixType m_x;          // input of the adapter branch (after dropout), in x n
   const MatrixType* m_borrowed_x = nullptr;  // or the caller's input, after forward_borrowed()

@@ -21,6 +21,7 @@
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
+#include <rankwise/detail/merged_weight.hpp>
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
@@ -105,7 +106,7 @@ class MELoRA {
                    x.rows(), " x ", x.cols(), ")");
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
-    if (m_merged) return;
+    if (m_merge.is_merged()) return;
     const Index r = mini_rank(), di = in_features() / n(), dout = out_features() / n();
     const Scalar s = Scalar(scale());
     m_u.resize(equivalent_rank(), x.cols());
@@ -121,7 +122,8 @@ class MELoRA {
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     if (m_cached_cols < 0)
       detail::fail<StateError>("rankwise::MELoRA", "backward() needs a forward() in training mode first");
-    if (m_merged) detail::fail<StateError>("rankwise::MELoRA", "backward() on a merged adapter; unmerge() first");
+    if (m_merge.is_merged())
+      detail::fail<StateError>("rankwise::MELoRA", "backward() on a merged adapter; unmerge() first");
     if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
       detail::fail("rankwise::MELoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
@@ -186,31 +188,20 @@ class MELoRA {
 
   /// Adds each s B_i A_i to the i-th diagonal block of W; unmerge() restores W bit for bit.
   void merge() {
-    if (m_merged) detail::fail<StateError>("rankwise::MELoRA", "merge(): the adapter is already merged");
-    MatrixType merged = m_base.weight() + delta_weight();
-    MatrixType original = m_base.weight();
-    m_base.assign_weight(merged);
-    m_original_weight.swap(original);
-    m_merged = true;
+    m_merge.merge(m_base, [this] { return delta_weight(); }, "rankwise::MELoRA");
   }
 
-  void unmerge() {
-    if (!m_merged) detail::fail<StateError>("rankwise::MELoRA", "unmerge(): the adapter is not merged");
-    m_base.assign_weight(m_original_weight);
-    m_original_weight.resize(0, 0);
-    m_merged = false;
-  }
-  bool is_merged() const { return m_merged; }
+  void unmerge() { m_merge.unmerge(m_base, "rankwise::MELoRA"); }
+  bool is_merged() const { return m_merge.is_merged(); }
 
  private:
   Base m_base;
   MELoRAOptions m_options;
   Parameter<Scalar> m_A;  // stacked A_i, (n r_mini) x (in / n)
   Parameter<Scalar> m_B;  // stacked B_i, (out / n) x (n r_mini)
-  bool m_merged = false;
+  detail::MergedWeight<Scalar> m_merge;
   bool m_training = true;
   Index m_cached_cols = -1;
-  MatrixType m_original_weight;
   // Buffers reused across steps.
   MatrixType m_x;  // input, in x n_tokens
   MatrixType m_u;  // stacked A_i x_i, (n r_mini) x n_tokens

@@ -20,6 +20,7 @@
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
+#include <rankwise/detail/merged_weight.hpp>
 #include <rankwise/layers/linear.hpp>
 
 #include <cmath>
@@ -154,7 +155,7 @@ class VeRA {
                    x.rows(), " x ", x.cols(), ")");
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
-    if (m_merged) return;
+    if (m_merge.is_merged()) return;
     m_p.noalias() = m_projections->A().leftCols(in_features()) * x;  // P = A_s x, r x n
     m_q = (m_p.array().colwise() * m_d.value.col(0).array()).matrix();  // Q = lambda_d (.) P
     m_v.noalias() = m_projections->B().topRows(out_features()) * m_q;  // V = B_s Q, out x n
@@ -166,7 +167,8 @@ class VeRA {
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     if (m_cached_cols < 0)
       detail::fail<StateError>("rankwise::VeRA", "backward() needs a forward() in training mode first");
-    if (m_merged) detail::fail<StateError>("rankwise::VeRA", "backward() on a merged adapter; unmerge() first");
+    if (m_merge.is_merged())
+      detail::fail<StateError>("rankwise::VeRA", "backward() on a merged adapter; unmerge() first");
     if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
       detail::fail("rankwise::VeRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
@@ -217,21 +219,11 @@ class VeRA {
 
   /// W <- W + delta_weight(); unmerge() restores W bit for bit.
   void merge() {
-    if (m_merged) detail::fail<StateError>("rankwise::VeRA", "merge(): the adapter is already merged");
-    MatrixType merged = m_base.weight() + delta_weight();
-    MatrixType original = m_base.weight();
-    m_base.assign_weight(merged);
-    m_original_weight.swap(original);
-    m_merged = true;
+    m_merge.merge(m_base, [this] { return delta_weight(); }, "rankwise::VeRA");
   }
 
-  void unmerge() {
-    if (!m_merged) detail::fail<StateError>("rankwise::VeRA", "unmerge(): the adapter is not merged");
-    m_base.assign_weight(m_original_weight);
-    m_original_weight.resize(0, 0);
-    m_merged = false;
-  }
-  bool is_merged() const { return m_merged; }
+  void unmerge() { m_merge.unmerge(m_base, "rankwise::VeRA"); }
+  bool is_merged() const { return m_merge.is_merged(); }
 
  private:
   Base m_base;
@@ -239,10 +231,9 @@ class VeRA {
   VeRAOptions m_options;
   Parameter<Scalar> m_d;  // lambda_d, r x 1
   Parameter<Scalar> m_b;  // lambda_b, out x 1
-  bool m_merged = false;
+  detail::MergedWeight<Scalar> m_merge;
   bool m_training = true;
   Index m_cached_cols = -1;
-  MatrixType m_original_weight;
   // Buffers reused across steps.
   MatrixType m_p;  // A_s x, r x n
   MatrixType m_q;  // lambda_d (.) P in forward; dL/dQ then dL/dP in backward, r x n

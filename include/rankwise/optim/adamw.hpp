@@ -138,6 +138,34 @@ class AdamW {
     return it == m_state.end() ? nullptr : &it->second;
   }
 
+  /// Every parameter's state, keyed by parameter name (for checkpoints).
+  const std::unordered_map<std::string, State>& states() const { return m_state; }
+
+  /// Puts back what step_count() and states() returned (checkpoints). Each state must belong to a
+  /// parameter of the groups, match its current shape, and hold one step count per slice along its
+  /// axis. Strong guarantee: on error nothing changes.
+  void restore(long step_count, std::unordered_map<std::string, State> states) {
+    if (step_count < 0) detail::fail("rankwise::AdamW", "restore: step count must be >= 0 (got ", step_count, ")");
+    for (const auto& [name, s] : states) {
+      const Parameter<Scalar>* p = find_parameter(name);
+      if (p == nullptr)
+        detail::fail("rankwise::AdamW", "restore: state for '", name, "', which is not a parameter of this optimizer");
+      if (s.m.rows() != p->value.rows() || s.m.cols() != p->value.cols() || s.v.rows() != p->value.rows() ||
+          s.v.cols() != p->value.cols())
+        detail::fail("rankwise::AdamW", "restore: the state of '", name, "' must be ", p->value.rows(), " x ",
+                     p->value.cols(), " like the parameter (got m ", s.m.rows(), " x ", s.m.cols(), ", v ",
+                     s.v.rows(), " x ", s.v.cols(), ")");
+      const Index slices = s.axis == Axis::Rows ? p->value.rows() : p->value.cols();
+      if (s.steps.size() != slices)
+        detail::fail("rankwise::AdamW", "restore: '", name, "' needs ", slices, " step counts, one per ",
+                     s.axis == Axis::Rows ? "row" : "column", " (got ", s.steps.size(), ")");
+      if (!(s.steps >= 0.0).all() || !s.steps.isFinite().all())
+        detail::fail("rankwise::AdamW", "restore: the step counts of '", name, "' must be finite and >= 0");
+    }
+    m_state.swap(states);
+    m_step = step_count;
+  }
+
  private:
   using Block = Eigen::Block<Matrix<Scalar>>;
 
@@ -172,6 +200,13 @@ class AdamW {
       detail::fail<StateError>("rankwise::AdamW", "the gradient of '", p.name,
                                "' does not match its value; call zero_grad()");
     return s;
+  }
+
+  const Parameter<Scalar>* find_parameter(const std::string& name) const {
+    for (const ParameterGroup<Scalar>& group : m_groups)
+      for (const Parameter<Scalar>* p : group.parameters)
+        if (p->name == name) return p;
+    return nullptr;
   }
 
   void update_per_slice(Parameter<Scalar>& p, const State& s, double lr, Scalar eps, Index begin, Index end) {

@@ -108,6 +108,25 @@ class SGD {
     return it == m_velocity.end() ? nullptr : &it->second;
   }
 
+  /// Every momentum buffer, keyed by parameter name (for checkpoints).
+  const std::unordered_map<std::string, Matrix<Scalar>>& velocities() const { return m_velocity; }
+
+  /// Puts back what step_count() and velocities() returned (checkpoints). Each buffer must belong to a
+  /// parameter of the groups and match its current shape. Strong guarantee: on error nothing changes.
+  void restore(long step_count, std::unordered_map<std::string, Matrix<Scalar>> velocities) {
+    if (step_count < 0) detail::fail("rankwise::SGD", "restore: step count must be >= 0 (got ", step_count, ")");
+    for (const auto& [name, v] : velocities) {
+      const Parameter<Scalar>* p = find_parameter(name);
+      if (p == nullptr)
+        detail::fail("rankwise::SGD", "restore: momentum for '", name, "', which is not a parameter of this optimizer");
+      if (v.rows() != p->value.rows() || v.cols() != p->value.cols())
+        detail::fail("rankwise::SGD", "restore: the momentum of '", name, "' must be ", p->value.rows(), " x ",
+                     p->value.cols(), " like the parameter (got ", v.rows(), " x ", v.cols(), ")");
+    }
+    m_velocity.swap(velocities);
+    m_step = step_count;
+  }
+
  private:
   using Block = Eigen::Block<Matrix<Scalar>>;
 
@@ -119,6 +138,13 @@ class SGD {
                                it->second.cols(), " but the parameter is ", p.value.rows(), " x ", p.value.cols(),
                                "; call follow() with the RankChange of the surgery");
     return it->second;
+  }
+
+  const Parameter<Scalar>* find_parameter(const std::string& name) const {
+    for (const ParameterGroup<Scalar>& group : m_groups)
+      for (const Parameter<Scalar>* p : group.parameters)
+        if (p->name == name) return p;
+    return nullptr;
   }
 
   static void check_shapes(const Parameter<Scalar>& p) {

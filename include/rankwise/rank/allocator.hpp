@@ -410,6 +410,47 @@ class RankAllocator {
     return pattern;
   }
   const std::vector<AllocationEvent>& events() const { return m_events; }
+
+  /// Everything the allocator carries from one step to the next, for checkpoints (io/state.hpp):
+  /// restore() into an allocator built over the same modules (at any ranks) resumes the schedule,
+  /// the budget and the new ranks' random stream exactly where progress() left them.
+  struct Progress {
+    long step = 0, next_due = 0, rounds_done = 0, attempts = 0;
+    bool done = false, acted = false, finished = false;
+    Status status = Status::NotApplied;
+    std::string message;
+    Index budget = 0, start = 0, ranks_per_round = 0;
+    std::vector<Index> initial_ranks;
+    std::vector<AllocationEvent> events;
+    Random::Snapshot rng;
+  };
+  Progress progress() const {
+    return {m_step,    m_next_due, m_rounds_done, m_attempts, m_done,          m_acted,         m_finished,
+            m_status,  m_message,  m_budget,      m_start,    m_ranks_per_round, m_initial_ranks, m_events,
+            m_rng.snapshot()};
+  }
+  void restore(Progress p) {
+    if (p.initial_ranks.size() != m_modules.size())
+      detail::fail(where, "restore: the saved progress covers ", p.initial_ranks.size(), " modules but the allocator has ",
+                   m_modules.size());
+    if (p.step < 0 || p.rounds_done < 0 || p.attempts < 0 || p.budget < 1 || p.start < 0 || p.ranks_per_round < 0)
+      detail::fail(where, "restore: counts must be >= 0 and the budget >= 1 (got step ", p.step, ", budget ", p.budget, ")");
+    m_step = p.step;
+    m_next_due = p.next_due;
+    m_rounds_done = p.rounds_done;
+    m_attempts = p.attempts;
+    m_done = p.done;
+    m_acted = p.acted;
+    m_finished = p.finished;
+    m_status = p.status;
+    m_message = std::move(p.message);
+    m_budget = p.budget;
+    m_start = p.start;
+    m_ranks_per_round = p.ranks_per_round;
+    m_initial_ranks = std::move(p.initial_ranks);
+    m_events = std::move(p.events);
+    m_rng.restore(p.rng);
+  }
   const std::vector<RankModule<Scalar>>& modules() const { return m_modules; }
   const RankAllocatorOptions& options() const { return m_options; }
 

@@ -23,6 +23,7 @@
 #include <exception>
 #include <functional>
 #include <limits>
+#include <map>
 #include <span>
 #include <sstream>
 #include <string>
@@ -416,6 +417,29 @@ class SensitivityImportance final : public ImportanceEstimator<Scalar> {
   }
 
   long observations() const { return m_observations; }
+
+  /// The smoothed sensitivity and uncertainty of every observed parameter, by name (for checkpoints).
+  struct Moments {
+    Matrix<Scalar> sensitivity;
+    Matrix<Scalar> uncertainty;
+  };
+  std::map<std::string, Moments> moments() const {
+    std::map<std::string, Moments> out;
+    for (const auto& [name, s] : m_state) out.emplace(name, Moments{s.sensitivity, s.uncertainty});
+    return out;
+  }
+  /// Puts back what observations() and moments() returned; shapes are checked at the next observe().
+  void restore(long observations, const std::map<std::string, Moments>& moments) {
+    if (observations < 0)
+      detail::fail("rankwise::SensitivityImportance", "restore: observations must be >= 0 (got ", observations, ")");
+    for (const auto& [name, m] : moments)
+      if (m.sensitivity.rows() != m.uncertainty.rows() || m.sensitivity.cols() != m.uncertainty.cols())
+        detail::fail("rankwise::SensitivityImportance", "restore: the moments of '", name, "' differ in shape");
+    std::unordered_map<std::string, State> state;
+    for (const auto& [name, m] : moments) state.emplace(name, State{m.sensitivity, m.uncertainty, {}});
+    m_state.swap(state);
+    m_observations = observations;
+  }
 
  private:
   struct State {
