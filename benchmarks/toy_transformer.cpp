@@ -11,12 +11,15 @@
 //      in a timer (base product + adapter), the loss and the optimizer are timed around their calls,
 //      the rest (attention core, LayerNorm, GELU, residual adds, embeddings) is the difference. The
 //      pieces of that rest are then timed alone at the step's shapes.
-//   3. Heap allocations of a step after the first, split into those made inside Eigen's matrix
-//      product (its packing buffers) or the OpenMP runtime, and the others (rankwise's own code).
+//   3. Heap allocations of a step after the first, split into those made inside the matrix products
+//      (Eigen's packing buffers, OpenBLAS's threads) or the OpenMP runtime, and the others (rankwise's
+//      own code).
 //   4. Peak resident memory (VmHWM) of each mode, each in a process of its own.
 // Every target is printed with PASS or FAIL.
 //
-// Run: build/bench/benchmarks/toy_transformer [--rounds N] [--threads-list 1,2] [--only full|lora|inference]
+// A fourth mode, the LoRA model with every adapter disabled, is timed as a reference: the floor of a
+// LoRA step.
+// Run: build/bench/benchmarks/toy_transformer [--rounds N] [--threads-list 1,2] [--only full|lora|inference|frozen]
 //   --only runs that mode's steps alone, for a profiler (perf record ...).
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/core/init.hpp>
@@ -59,11 +62,26 @@ const rankwise::ToyTransformerConfig kConfig{.vocab = 128, .d_model = 128, .head
                                              .max_seq_len = 64};
 constexpr Index kSeq = 64, kBatch = 32, kTokens = kSeq * kBatch, kRank = 8;
 
-enum class Mode { Full, LoRA, Inference };
+// Frozen: the LoRA model with every adapter disabled, a reference for the floor of a LoRA step (the
+// frozen products forward and backward, attention and the elementwise work; no adapter work).
+enum class Mode { Full, LoRA, Inference, Frozen };
 const char* name(Mode m) {
-  return m == Mode::Full ? "full fine-tuning" : m == Mode::LoRA ? "LoRA r=8, 6 projections" : "inference forward";
+  switch (m) {
+    case Mode::Full: return "full fine-tuning";
+    case Mode::LoRA: return "LoRA r=8, 6 projections";
+    case Mode::Inference: return "inference forward";
+    case Mode::Frozen: return "(reference) LoRA step, adapters disabled";
+  }
+  return "";
 }
-const char* key(Mode m) { return m == Mode::Full ? "full" : m == Mode::LoRA ? "lora" : "inference"; }
+const char* key(Mode m) {
+  return m == Mode::Full ? "full" : m == Mode::LoRA ? "lora" : m == Mode::Frozen ? "frozen" : "inference";
+}
+Mode mode_of(const char* text) {
+  for (Mode m : {Mode::Full, Mode::LoRA, Mode::Inference, Mode::Frozen})
+    if (std::strcmp(text, key(m)) == 0) return m;
+  return Mode::Inference;
+}
 
 // --- clocks -----------------------------------------------------------------------------------------
 double wall_now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
@@ -95,6 +113,7 @@ double step_flops(Mode mode) {
     // forward and dx of the frozen linears (the lm_head too); the adapters: forward 2 products,
     // backward 4 (dB, B^T dy, dA, A^T t)
     case Mode::LoRA: return 2 * linear_fwd + 3 * attention_fwd + 3 * lora_fwd;
+    case Mode::Frozen: return 2 * linear_fwd + 3 * attention_fwd;
   }
   return 0;
 }
@@ -167,12 +186,16 @@ struct StepClocks {  // seconds spent in the parts of the last step
 class Runner {
  public:
   Runner(Mode mode, bool timed) : m_mode(mode), m_rng(5), m_model(kConfig, m_rng) {
-    if (mode == Mode::LoRA) {
+    if (mode == Mode::LoRA || mode == Mode::Frozen) {
       rankwise::InjectionOptions o;
       o.all_linear = true;
       o.adapter.options = rankwise::LoRAOptions{.rank = kRank, .alpha = 16.0};
       rankwise::inject_adapters(m_model, o, m_rng);
     }
+    if (mode == Mode::Frozen)
+      m_model.for_each_slot([](const std::string&, rankwise::AnyLinear<float>& slot) {
+        if (auto* lora = slot.get_if<rankwise::LoRA<float>>()) lora->set_enabled(false);
+      });
     if (timed)
       for (const std::string& path : m_model.linear_paths())
         if (!wrap_slot<rankwise::LoRA<float>>(m_model, path, &m_clocks.slots))
@@ -248,7 +271,7 @@ void timed(Timing& timing, F&& f) {
 
 // --- allocations ------------------------------------------------------------------------------------------
 struct Allocations {
-  long total = 0, eigen = 0;
+  long total = 0, in_products = 0;
   std::map<std::string, long> others;  // innermost named frame of the other allocations
 };
 
@@ -275,20 +298,21 @@ Allocations count_allocations(Runner& runner) {
   Allocations a;
   a.total = count.calls;
   for (const ts::AllocationStack& s : ts::counted_stacks()) {
-    bool eigen = false;
+    bool in_products = false;
     std::string first_named;
-    for (int i = 1; i < s.depth && !eigen; ++i) {  // frame 0 is the counting hook
+    for (int i = 1; i < s.depth && !in_products; ++i) {  // frame 0 is the counting hook
       std::string object;
       const std::string sym = symbol_of(s.frames[i], &object);
       if (sym.find("general_matrix_matrix_product") != std::string::npos ||
           sym.find("parallelize_gemm") != std::string::npos || sym.find("gemm_functor") != std::string::npos ||
-          object.find("libgomp") != std::string::npos)
-        eigen = true;
+          object.find("libgomp") != std::string::npos || object.find("openblas") != std::string::npos ||
+          object.find("libblas") != std::string::npos)
+        in_products = true;
       else if (first_named.empty() && !sym.empty() && sym != "malloc" && sym.find("aligned_malloc") == std::string::npos)
         first_named = sym;
     }
-    if (eigen)
-      ++a.eigen;
+    if (in_products)
+      ++a.in_products;
     else
       ++a.others[first_named.empty() ? std::string("(unnamed)") : demangled(first_named)];
   }
@@ -410,9 +434,7 @@ int main(int argc, char** argv) {
   std::vector<int> thread_counts = {1, 2};
   const char* only = nullptr;
   if (argc == 3 && std::strcmp(argv[1], "--rss-child") == 0)
-    return rss_child(std::strcmp(argv[2], "full") == 0 ? Mode::Full
-                     : std::strcmp(argv[2], "lora") == 0 ? Mode::LoRA
-                                                         : Mode::Inference);
+    return rss_child(mode_of(argv[2]));
   for (int i = 1; i < argc; ++i) {
     if ((std::strcmp(argv[i], "--rounds") == 0 || std::strcmp(argv[i], "--steps") == 0) && i + 1 < argc)
       rounds = std::max(1, std::atoi(argv[++i]));
@@ -430,7 +452,7 @@ int main(int argc, char** argv) {
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
   }
   if (only) {  // one mode's steps alone, for a profiler
-    const Mode mode = std::strcmp(only, "full") == 0 ? Mode::Full : std::strcmp(only, "lora") == 0 ? Mode::LoRA : Mode::Inference;
+    const Mode mode = mode_of(only);
     rb::set_threads(thread_counts.front());
     Runner runner(mode, false);
     const double w = wall_now(), c = cpu_now();
@@ -449,36 +471,38 @@ int main(int argc, char** argv) {
   std::printf("# malloc: %s | OMP_WAIT_POLICY=%s | load average at start: %s\n",
               tuned ? "mmap/trim thresholds raised (mallopt)" : "glibc defaults",
               rb::env_or("OMP_WAIT_POLICY", "(unset)").c_str(), rb::load_average().c_str());
-  std::printf("# %d interleaved rounds per thread count (product, full step, LoRA step, inference step); medians\n\n",
+  std::printf("# %d interleaved rounds per thread count (product x3, then one step of each mode); medians\n\n",
               rounds);
 
-  Runner full(Mode::Full, false), lora(Mode::LoRA, false), inference(Mode::Inference, false);
-  Runner* runners[] = {&full, &lora, &inference};
+  Runner full(Mode::Full, false), lora(Mode::LoRA, false), inference(Mode::Inference, false),
+      frozen(Mode::Frozen, false);
+  Runner* runners[] = {&full, &lora, &inference};  // the modes of the targets
+  Runner* timed_modes[] = {&full, &lora, &inference, &frozen};
   Gemm gemm;
   struct Row {
     int threads;
-    double gemm_gflops, ms[3], cpu_ms[3];
+    double gemm_gflops, ms[4], cpu_ms[4];
   };
   std::vector<Row> rows;
   std::printf("| mode | threads | ms/step (wall) | ms/step (CPU, all threads) | tokens/s | GFLOP/step | GFLOP/s | same-run GEMM GFLOP/s | ratio |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (int threads : thread_counts) {
     rb::set_threads(threads);
-    for (Runner* r : runners) {  // warm-up: sizes the buffers and the optimizer state
+    for (Runner* r : timed_modes) {  // warm-up: sizes the buffers and the optimizer state
       r->step();
       r->step();
     }
     gemm.run();
-    Timing g, t[3];
+    Timing g, t[4];
     for (int round = 0; round < rounds; ++round) {
       for (int rep = 0; rep < 3; ++rep) timed(g, [&] { gemm.run(); });
-      for (int m = 0; m < 3; ++m) timed(t[m], [&] { runners[m]->step(); });
+      for (int m = 0; m < 4; ++m) timed(t[m], [&] { timed_modes[m]->step(); });
     }
     Row row{threads, gemm.flops() / median(g.wall) * 1e-9, {}, {}};
-    for (int m = 0; m < 3; ++m) {
+    for (int m = 0; m < 4; ++m) {
       row.ms[m] = 1e3 * median(t[m].wall);
       row.cpu_ms[m] = 1e3 * median(t[m].cpu);
-      const Mode mode = runners[m]->mode();
+      const Mode mode = timed_modes[m]->mode();
       const double gflop = step_flops(mode) * 1e-9, rate = gflop / (row.ms[m] * 1e-3);
       std::printf("| %s | %d | %.1f | %.1f | %.0f | %.2f | %.1f | %.1f | %.2f |\n", name(mode), threads, row.ms[m],
                   row.cpu_ms[m], double(kTokens) / (row.ms[m] * 1e-3), gflop, rate, row.gemm_gflops,
@@ -545,7 +569,7 @@ int main(int argc, char** argv) {
 
   // Allocations of a step after the first (1 thread, then 2).
   std::printf("\n## Heap allocations in one training step after the first\n\n");
-  std::printf("| mode | threads | all | inside Eigen's products / OpenMP | the others (rankwise's own code) |\n|---|---|---|---|---|\n");
+  std::printf("| mode | threads | all | inside the products (Eigen, OpenBLAS) or OpenMP | the others (rankwise's own code) |\n|---|---|---|---|---|\n");
   long own_allocations = 0;
   for (int threads : thread_counts) {
     rb::set_threads(threads);
@@ -555,7 +579,7 @@ int main(int argc, char** argv) {
       long others = 0;
       for (const auto& [where, n] : a.others) others += n;
       own_allocations += others;
-      std::printf("| %s | %d | %ld | %ld | %ld |\n", name(r->mode()), threads, a.total, a.eigen, others);
+      std::printf("| %s | %d | %ld | %ld | %ld |\n", name(r->mode()), threads, a.total, a.in_products, others);
       for (const auto& [where, n] : a.others) std::printf("|   %ld from %s | | | | |\n", n, where.c_str());
     }
   }
@@ -583,6 +607,11 @@ int main(int argc, char** argv) {
                 verdict(rate >= 0.5 * row.gemm_gflops), row.threads, row.threads > 1 ? "s" : "", rate,
                 row.gemm_gflops, 100 * rate / row.gemm_gflops);
   }
+  for (const Row& row : rows)
+    std::printf("info  floor of a LoRA step, %d thread%s: with every adapter disabled it is %.2fx the full step "
+                "(%.1f ms), the adapters take %.0f %% of the LoRA step\n",
+                row.threads, row.threads > 1 ? "s" : "", row.ms[3] / row.ms[0], row.ms[3],
+                100 * (1 - row.ms[3] / row.ms[1]));
   std::printf("%s  no heap allocation by rankwise's own code in a step after the first: %ld\n",
               verdict(own_allocations == 0), own_allocations);
   std::printf("%s  attention, LayerNorm, softmax and elementwise work < 1/3 of the step: LoRA %.1f %%, full %.1f %%\n",
