@@ -141,6 +141,7 @@ BENCHMARK(BM_ScoringRoundCached)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Arg(16)->Unit(
 
 int main(int argc, char** argv) {
   namespace rb = rankwise::bench;
+  rb::set_threads(1);  // the most repeatable figures (docs/benchmarks.md, "Traps"), whatever OMP_NUM_THREADS says
   benchmark::AddCustomContext("cpu", rb::cpu_model());
   benchmark::AddCustomContext("compiler", rb::compiler());
   benchmark::AddCustomContext("flags", RANKWISE_BENCH_FLAGS);

@@ -5,7 +5,8 @@
 //   2. saves the LoRA adapters of a 4-layer toy transformer (d 128, d_ff 512, r 8 on q, k, v, o,
 //      up, down) as a PEFT directory (the goal: under 10 ms), durably (fsync) and without fsync;
 //      on a real disk the durable save is bounded by the device's flush latency.
-// Run: build/benchmarks/io_bandwidth [directory for the files, default: the system's temp dir]
+// Run: build/benchmarks/io_bandwidth [--quick] [directory for the files, default: the system's temp dir]
+// --quick: a 16 MB file and 2 to 3 repeats (seconds: the harness's smoke run, scripts/bench.sh --quick).
 // Prints best-of-N wall times; compare numbers measured in the same run.
 #include <rankwise/rankwise.hpp>
 #include <rankwise/io/peft.hpp>
@@ -39,13 +40,17 @@ double best_ms(int repeats, F&& f) {
 
 int main(int argc, char** argv) {
   namespace fs = std::filesystem;
-  const fs::path dir = (argc > 1 ? fs::path(argv[1]) : fs::temp_directory_path()) / "rankwise_io_bandwidth";
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const int first_path = quick ? 2 : 1;
+  const fs::path dir =
+      (argc > first_path ? fs::path(argv[first_path]) : fs::temp_directory_path()) / "rankwise_io_bandwidth";
+  const int load_repeats = quick ? 2 : 7, save_repeats = quick ? 3 : 20;
   fs::create_directories(dir);
   const fs::path file = dir / "model.safetensors";
   std::printf("rankwise %s io_bandwidth; files in %s\n", rankwise::version_string, dir.c_str());
 
   // --- 1. loading 100 MB ----------------------------------------------------------------------
-  const int tensors = 25;
+  const int tensors = quick ? 4 : 25;
   const rankwise::Index side = 1024;
   {
     rankwise::Random rng(1);
@@ -63,23 +68,23 @@ int main(int argc, char** argv) {
   const double megabytes = double(fs::file_size(file)) / 1e6;
   const std::string cat = "cat '" + file.string() + "' > /dev/null";
   if (std::system(cat.c_str()) != 0) return 1;  // warm the page cache
-  const double cat_ms = best_ms(7, [&] { (void)std::system(cat.c_str()); });
+  const double cat_ms = best_ms(load_repeats, [&] { (void)std::system(cat.c_str()); });
 
   std::vector<rankwise::Matrix<float>> loaded(tensors);
-  const double load_ms = best_ms(7, [&] {
+  const double load_ms = best_ms(load_repeats, [&] {
     rankwise::SafetensorsReader reader(file);
     std::vector<rankwise::Matrix<float>> fresh(tensors);
     for (int i = 0; i < tensors; ++i) fresh[std::size_t(i)] = reader.matrix<float>("layers." + std::to_string(i) + ".weight");
     loaded.swap(fresh);
   });
-  const double reuse_ms = best_ms(7, [&] {
+  const double reuse_ms = best_ms(load_repeats, [&] {
     rankwise::SafetensorsReader reader(file);
     for (int i = 0; i < tensors; ++i) reader.read_matrix("layers." + std::to_string(i) + ".weight", loaded[std::size_t(i)]);
   });
   // The floor of any loader that fills matrices: copying the same bytes from memory into matrices
   // already in memory (no file, no transpose). cat writes nothing back to memory; a loader must.
   std::vector<rankwise::Matrix<float>> copies(tensors, rankwise::Matrix<float>(side, side));
-  const double copy_ms = best_ms(7, [&] {
+  const double copy_ms = best_ms(load_repeats, [&] {
     for (int i = 0; i < tensors; ++i) copies[std::size_t(i)] = loaded[std::size_t((i + 1) % tensors)];
   });
   std::printf("cat file > /dev/null      %7.1f ms  %6.2f GB/s  (includes starting sh and cat)\n", cat_ms, megabytes / cat_ms);
@@ -105,14 +110,14 @@ int main(int argc, char** argv) {
     }
   }
   const fs::path adapter_dir = dir / "adapter";
-  const double save_ms = best_ms(20, [&] { rankwise::save_peft_adapter(adapter_dir, modules); });
-  const double fast_ms = best_ms(20, [&] { rankwise::save_peft_adapter(adapter_dir, modules, {.durable = false}); });
+  const double save_ms = best_ms(save_repeats, [&] { rankwise::save_peft_adapter(adapter_dir, modules); });
+  const double fast_ms = best_ms(save_repeats, [&] { rankwise::save_peft_adapter(adapter_dir, modules, {.durable = false}); });
   std::uintmax_t adapter_bytes = 0;
   for (const auto& entry : fs::directory_iterator(adapter_dir)) adapter_bytes += entry.file_size();
   std::printf("save PEFT adapter (%zu modules, r 8, %.1f kB): durable %.2f ms (2 files + 2 directory fsyncs); "
               "without fsync %.2f ms\n",
               modules.size(), double(adapter_bytes) / 1e3, save_ms, fast_ms);
-  const double load_adapter_ms = best_ms(20, [&] { rankwise::load_peft_adapter(adapter_dir, modules); });
+  const double load_adapter_ms = best_ms(save_repeats, [&] { rankwise::load_peft_adapter(adapter_dir, modules); });
   std::printf("load PEFT adapter into the model               %.2f ms\n", load_adapter_ms);
 
   fs::remove_all(dir);

@@ -1,17 +1,19 @@
 // finetune: pre-train the toy transformer on a mixture of synthetic tasks (or reuse the cached base),
-// then fine-tune it on a task it has never seen with any adapter, and compare accuracy before and after.
+// then fine-tune it on a task it has never seen with any adapter, compare accuracy before and after,
+// and save the adapter (PEFT and rankwise files) and the loss curve.
 // Run: build/examples/finetune [--adapter lora|dylora|erat|vera|red|melora|alora] [--task relabel|sort|add]
 //      (scripts/demo.sh runs it with no flags; --help lists everything)
+#include <rankwise/models/base_checkpoint.hpp>
+#include <rankwise/models/finetune.hpp>
 #include <rankwise/rankwise.hpp>
 
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
-#include <fstream>
-#include <memory>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <unistd.h>
@@ -19,25 +21,25 @@
 
 namespace {
 using rankwise::Index;
-using rankwise::Matrix;
-using rankwise::Random;
-using Model = rankwise::ToyTransformer<float>;
 using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
 
 struct Settings {
   std::string adapter = "lora";
   Index rank = 8;
   double alpha = 16.0;
-  std::string targets = "all-linear";
+  std::string targets;  // empty: the adapter's default (all-linear; RED: mlp.down_proj)
   std::string task = "relabel";
   long steps = 400;
-  double lr = 2e-3;
+  double lr = 0.0;  // 0: rankwise::recommended_lr(adapter)
   std::uint64_t seed = 1;
   int threads = 2;
   long pretrain_steps = 1500;
+  Index d_model = 64;
+  Index layers = 4;
   Index batch = 32;
   Index eval_sequences = 512;
-  std::string base_path;
+  std::string base;  // empty: <output>/base-cache/<configuration and recipe>
   std::string output = "finetune_output";
   bool quiet = false;
   bool small = false;  // a tiny model and short runs, for the test suite
@@ -50,20 +52,22 @@ double seconds_since(Clock::time_point start) {
 // One line that rewrites itself on a terminal, plain lines (every 10 %) otherwise.
 class Progress {
  public:
-  Progress(std::string label, long total, bool quiet)
-      : m_label(std::move(label)), m_total(total), m_tty(isatty(STDOUT_FILENO) != 0), m_quiet(quiet) {}
-  void update(long step, double loss, double tokens_per_second, double elapsed) {
+  Progress(std::string label, bool quiet)
+      : m_label(std::move(label)), m_tty(isatty(STDOUT_FILENO) != 0), m_quiet(quiet), m_start(Clock::now()) {}
+
+  void update(const rankwise::TrainingProgress& p) {
+    m_tokens += double(p.tokens);
     if (m_quiet) return;
-    const long done = step + 1;
-    const double eta = done > 0 ? elapsed / double(done) * double(m_total - done) : 0.0;
+    const double elapsed = seconds_since(m_start);
+    const double eta = elapsed / double(p.step) * double(p.total - p.step);
     char line[160];
-    std::snprintf(line, sizeof line, "%s step %5ld/%ld  loss %.4f  %7.0f tokens/s  ETA %4.0fs", m_label.c_str(), done,
-                  m_total, loss, tokens_per_second, eta);
+    std::snprintf(line, sizeof line, "%s step %5ld/%ld  loss %.4f  %7.0f tokens/s  ETA %4.0fs", m_label.c_str(), p.step,
+                  p.total, p.loss, m_tokens / std::max(elapsed, 1e-9), eta);
     if (m_tty) {
       std::printf("\r%s", line);
-      if (done == m_total) std::printf("\n");
+      if (p.step == p.total) std::printf("\n");
       std::fflush(stdout);
-    } else if (done == m_total || done % std::max(1L, m_total / 10) == 0) {
+    } else if (p.step == p.total || p.step % std::max(1L, p.total / 10) == 0) {
       std::printf("%s\n", line);
       std::fflush(stdout);
     }
@@ -71,252 +75,120 @@ class Progress {
 
  private:
   std::string m_label;
-  long m_total;
   bool m_tty;
   bool m_quiet;
+  Clock::time_point m_start;
+  double m_tokens = 0.0;
 };
 
-// Exact-match accuracy on held-out sequences (a fixed seed the training stream never uses).
-double evaluate(Model& model, const rankwise::TaskGenerator& task, Index sequences, Index batch) {
-  model.set_training(false);
-  Random rng(0xE7A1);
-  Matrix<float> logits;
-  double right = 0.0;
-  Index seen = 0;
-  while (seen < sequences) {
-    const Index b = std::min(batch, sequences - seen);
-    const rankwise::TokenBatch data = task.sample(b, rng);
-    model.forward(data.tokens, data.seq_len, logits);
-    right += rankwise::exact_match<float>(data, logits) * double(b);
-    seen += b;
-  }
-  model.set_training(true);
-  return right / double(sequences);
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> items;
+  std::stringstream in(list);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) items.push_back(item);
+  return items;
 }
-
-double train_step(Model& model, const rankwise::TokenBatch& data, rankwise::CrossEntropy<float>& loss_fn,
-                  Matrix<float>& logits, Matrix<float>& dlogits) {
-  // [snippet: train_step]
-  model.forward(data.tokens, data.seq_len, logits);
-  const double loss = loss_fn.forward(logits, data.targets);
-  loss_fn.backward(dlogits);
-  model.backward(dlogits);
-  // [snippet: train_step]
-  return loss;
-}
-
-void pretrain(Model& model, const Settings& s, const rankwise::TaskOptions& task_options) {
-  const rankwise::TaskGenerator mixture(rankwise::TaskKind::Mixture, task_options);
-  Random rng(s.seed * 7919 + 1);
-  std::vector<rankwise::Parameter<float>*> params = model.parameters();
-  rankwise::AdamW<float> optimizer(params, {.lr = 3e-3, .weight_decay = 0.01});
-  const auto schedule = rankwise::LRSchedule::cosine(s.pretrain_steps / 20, s.pretrain_steps, 0.05);
-  rankwise::CrossEntropy<float> loss_fn;
-  Matrix<float> logits, dlogits;
-  Progress progress("pre-train", s.pretrain_steps, s.quiet);
-  const auto start = Clock::now();
-  for (long step = 0; step < s.pretrain_steps; ++step) {
-    const rankwise::TokenBatch data = mixture.sample(s.batch, rng);
-    model.zero_grad();
-    const double loss = train_step(model, data, loss_fn, logits, dlogits);
-    rankwise::clip_grad_norm(params, 1.0);
-    optimizer.set_lr_factor(schedule.factor(step));
-    optimizer.step();
-    const double elapsed = seconds_since(start);
-    progress.update(step, loss, double((step + 1) * s.batch * task_options.seq_len) / elapsed, elapsed);
-  }
-}
-
-// The adapter options for the chosen method at rank s.rank.
-rankwise::InjectionOptions injection_for(const Settings& s) {
-  rankwise::InjectionOptions o;
-  const std::string name = s.adapter == "alora" ? "lora" : s.adapter;
-  o.adapter.name = name;
-  if (name == "lora") o.adapter.options = rankwise::LoRAOptions{.rank = s.rank, .alpha = s.alpha};
-  if (name == "dylora" || name == "erat")
-    o.adapter.options = rankwise::DyLoRAOptions{.max_rank = s.rank, .alpha = s.alpha, .frozen = false};
-  if (name == "melora")  // n = 4 minis of rank r/4: the same equivalent rank r as LoRA
-    o.adapter.options = rankwise::MELoRAOptions{.n = 4, .mini_rank = std::max<Index>(1, s.rank / 4), .alpha = s.alpha};
-  if (name == "vera") o.vera_rank = 16 * s.rank;
-  if (name != "red") {
-    if (s.targets == "all-linear") {
-      o.all_linear = true;
-    } else {
-      std::stringstream list(s.targets);
-      for (std::string item; std::getline(list, item, ',');)
-        if (!item.empty()) o.target_modules.push_back(item);
-    }
-  }
-  return o;
-}
-
-// What some adapters need around each step: DyLoRA's sampled rank, ERAT-DLoRA's windows, and the
-// rank allocator of ALoRA (AB-LoRA scores on a fixed validation batch, prune and reallocate).
-class RankHooks {
- public:
-  RankHooks(const Settings& s, Model& model, const rankwise::Injection<float>& injection,
-            rankwise::AdamW<float>& optimizer, const rankwise::TaskGenerator& task, Random& rng)
-      : m_s(s), m_model(model), m_injection(injection) {
-    const Index layers = model.config().layers;
-    for (const auto& m : injection.modules) {
-      if (m.slot->kind() == "dylora" || m.slot->kind() == "erat") {
-        m_dylora.push_back(&m.slot->as<rankwise::DyLoRA<float>>());
-        m_depths.push_back(std::stol(m.path.substr(7, m.path.find('.', 7) - 7)));  // layers.{i}.
-      }
-    }
-    if (s.adapter == "dylora")
-      m_dylora_sampler.emplace(rankwise::DyLoRASamplerOptions{.min_rank = 1, .max_rank = s.rank}, rng);
-    if (s.adapter == "erat")
-      m_erat_sampler.emplace(rankwise::ERATSamplerOptions{.max_rank = s.rank, .min_rank = 1, .total_steps = s.steps,
-                                                          .num_layers = layers},
-                             rng);
-    if (s.adapter == "alora") {
-      Random validation_rng(0xA11C);
-      m_validation = task.sample(s.batch, validation_rng);
-      for (const auto& m : injection.modules)
-        m_modules.emplace_back(m.slot->as<rankwise::LoRA<float>>(), m.path);
-      m_ablation.emplace([this] { return validation_loss(); });
-      rankwise::RankAllocatorOptions options;
-      options.warmup_steps = s.steps / 5;                            // K1
-      options.rounds = 4;                                            // N_A
-      options.recovery_steps = std::max(1L, s.steps / 10);           // K2
-      options.total_steps = s.steps;
-      m_allocator.emplace(m_modules, *m_ablation, options, rng);
-      m_allocator->add_optimizer(optimizer);
-    }
-  }
-
-  void before_step(long step) {
-    if (m_dylora_sampler) {
-      const Index b = m_dylora_sampler->sample();  // one rank for the whole model
-      for (auto* a : m_dylora) a->set_active_rank(b);
-    }
-    if (m_erat_sampler) {
-      m_erat_sampler->sample_step(step, m_depths, m_windows);  // a window per module
-      for (std::size_t i = 0; i < m_dylora.size(); ++i) m_dylora[i]->set_window(m_windows[i].lo, m_windows[i].b);
-    }
-  }
-
-  void after_step() {
-    if (m_allocator) m_allocator->step();
-  }
-
-  // Evaluation uses every rank a module may use at the end of training.
-  void finish() {
-    for (std::size_t i = 0; i < m_dylora.size(); ++i) {
-      const Index b = m_erat_sampler ? m_erat_sampler->depth_bound(m_depths[i]) : m_dylora[i]->max_rank();
-      m_dylora[i]->set_active_rank(b);
-    }
-    if (m_allocator && m_allocator->finish() != rankwise::Status::Ok)
-      std::printf("warning: %s\n", m_allocator->message().c_str());
-  }
-
-  void report() const {
-    if (m_allocator) std::printf("\nfinal ranks per module (ALoRA, AB-LoRA scores)\n%s\n", m_allocator->format_table().c_str());
-  }
-
- private:
-  // The validation loss in eval mode, on one fixed batch.
-  double validation_loss() {
-    m_model.set_training(false);
-    m_model.forward(m_validation.tokens, m_validation.seq_len, m_logits);
-    m_model.set_training(true);
-    return m_loss.forward(m_logits, m_validation.targets);
-  }
-
-  const Settings& m_s;
-  Model& m_model;
-  const rankwise::Injection<float>& m_injection;
-  std::vector<rankwise::DyLoRA<float>*> m_dylora;
-  std::vector<Index> m_depths;
-  std::vector<rankwise::RankWindow> m_windows;
-  std::optional<rankwise::DyLoRASampler> m_dylora_sampler;
-  std::optional<rankwise::ERATSampler> m_erat_sampler;
-  rankwise::TokenBatch m_validation;
-  rankwise::CrossEntropy<float> m_loss;
-  Matrix<float> m_logits;
-  std::vector<rankwise::RankModule<float>> m_modules;
-  std::optional<rankwise::AblationImportance<float>> m_ablation;
-  std::optional<rankwise::RankAllocator<float>> m_allocator;
-};
 
 int run(const Settings& s) {
   Eigen::setNbThreads(s.threads);
   const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
                                            .max_length = 8, .max_digits = 4};
-  rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = 128, .heads = 4, .layers = 4, .d_ff = 512,
-                                        .max_seq_len = task_options.seq_len};
-  if (s.small) {
-    config.d_model = 32;
-    config.layers = 2;
-    config.d_ff = 64;
-  }
+  rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = s.d_model, .heads = 4, .layers = s.layers,
+                                        .d_ff = 4 * s.d_model, .max_seq_len = task_options.seq_len};
+  const rankwise::PretrainRecipe pretraining{.task_options = task_options, .steps = s.pretrain_steps,
+                                             .batch = s.batch, .seed = s.seed};
+  // [snippet: recipe]
+  rankwise::FinetuneRecipe recipe;
+  recipe.adapter = s.adapter;  // lora, dylora, erat, vera, red, melora or alora
+  recipe.rank = s.rank;
+  recipe.alpha = s.alpha;
+  recipe.target_modules = split(s.targets);  // {"q_proj", "v_proj"}; empty: all-linear
+  recipe.steps = s.steps;
+  recipe.lr = s.lr > 0.0 ? s.lr : rankwise::recommended_lr(s.adapter);
+  recipe.seed = s.seed;
+  // [snippet: recipe]
   const rankwise::TaskGenerator task(rankwise::task_kind_from_name(s.task), task_options);
-  Random rng(s.seed);
-  Model model(config, rng);
+  rankwise::Random validation_rng(s.seed * 31 + 0xA11C);
+  const rankwise::TokenBatch validation = task.sample(s.batch, validation_rng);  // ALoRA's scoring batch
+  // Every set-up error (names, ranks, patterns) before anything is trained or written.
+  rankwise::Finetuner<float>::check_recipe(config, recipe, validation);
+
+  const fs::path output = s.output;
+  const fs::path base_dir =
+      s.base.empty() ? output / "base-cache" / rankwise::base_checkpoint_name(config, pretraining) : fs::path(s.base);
+  if (rankwise::has_checkpoint(base_dir))
+    std::printf("base model: loading the pre-trained base from %s\n", base_dir.c_str());
+  else
+    std::printf("base model: pre-training %ld steps on copy/reverse/grammar, then saving it to %s\n",
+                s.pretrain_steps, base_dir.c_str());
+  std::fflush(stdout);
   const auto start = Clock::now();
-  pretrain(model, s, task_options);
-  const double pretrain_seconds = seconds_since(start);
-  const double before = evaluate(model, task, s.eval_sequences, s.batch);
-  std::printf("base model: %s accuracy %.3f (never trained on it)\n", s.task.c_str(), before);
+  Progress pretrain_progress("pre-train", s.quiet);
+  rankwise::PretrainedBase<float> base = rankwise::load_or_pretrain<float>(
+      config, pretraining, base_dir, [&](const rankwise::TrainingProgress& p) { pretrain_progress.update(p); });
+  const double base_seconds = seconds_since(start);
+  if (!base.same_recipe)
+    std::printf("note: the base in %s was pre-trained with other settings: %s\n", base_dir.c_str(),
+                base.info.recipe.dump().c_str());
+  rankwise::ToyTransformer<float>& model = base.model;
+  const rankwise::Evaluation before = rankwise::evaluate_model(model, task, s.eval_sequences, s.batch);
+  std::printf("base model: %s accuracy %.3f (never trained on it)\n", s.task.c_str(), before.accuracy);
 
-  // [snippet: inject]
-  rankwise::InjectionOptions injection = injection_for(s);
-  const rankwise::Injection<float> adapters = rankwise::inject_adapters(model, injection, rng);
-  std::vector<rankwise::Parameter<float>*> params = model.parameters();
-  rankwise::AdamW<float> optimizer(params, {.lr = s.lr, .weight_decay = 0.0});
-  // [snippet: inject]
-  RankHooks hooks(s, model, adapters, optimizer, task, rng);
-  const rankwise::ParameterSummary summary = rankwise::summarize_parameters(model);
-  std::printf("%s on %s: %s\n", s.adapter.c_str(), s.targets.c_str(), summary.to_string().c_str());
+  rankwise::Finetuner<float> tuner(model, recipe, validation);  // injects the adapters, owns the rank hooks
+  const std::string targets = s.targets.empty() ? (s.adapter == "red" ? "mlp.down_proj" : "all-linear") : s.targets;
+  std::printf("%s on %s: %s\n", s.adapter.c_str(), targets.c_str(), tuner.report().parameters.to_string().c_str());
 
-  const auto schedule = rankwise::LRSchedule::linear(s.steps / 10, s.steps);
-  rankwise::CrossEntropy<float> loss_fn;
-  Matrix<float> logits, dlogits;
-  Random data_rng(s.seed * 104729 + 3);
-  std::filesystem::create_directories(s.output);
-  std::ofstream curve(std::filesystem::path(s.output) / "loss_curve.csv");
-  curve << "step,loss,lr_factor\n";
-  Progress progress("fine-tune", s.steps, s.quiet);
-  std::vector<double> losses;
+  Progress progress("fine-tune", s.quiet);
   const auto tune_start = Clock::now();
-  for (long step = 0; step < s.steps; ++step) {
-    const rankwise::TokenBatch data = task.sample(s.batch, data_rng);
-    hooks.before_step(step);
-    model.zero_grad();
-    const double loss = train_step(model, data, loss_fn, logits, dlogits);
-    rankwise::clip_grad_norm(params, 1.0);
-    optimizer.set_lr_factor(schedule.factor(step));
-    optimizer.step();
-    hooks.after_step();
-    losses.push_back(loss);
-    curve << step << ',' << loss << ',' << schedule.factor(step) << '\n';
-    const double elapsed = seconds_since(tune_start);
-    progress.update(step, loss, double((step + 1) * s.batch * task_options.seq_len) / elapsed, elapsed);
+  // [snippet: loop]
+  rankwise::Random data_rng(s.seed * 104729 + 3);
+  for (long step = 0; step < recipe.steps; ++step) {
+    const rankwise::TokenBatch batch = task.sample(s.batch, data_rng);
+    const double loss = tuner.step(batch);  // rank sampling, forward, backward, clipping, AdamW, allocator
+    progress.update({step + 1, recipe.steps, loss, tuner.last_step().lr_factor, Index(batch.tokens.size())});
   }
+  const rankwise::Status status = tuner.finish();  // NotApplied when the allocator never acted
+  const rankwise::Evaluation after = tuner.evaluate(task, s.eval_sequences);
+  // [snippet: loop]
   const double tune_seconds = seconds_since(tune_start);
-  hooks.finish();
-  const double after = evaluate(model, task, s.eval_sequences, s.batch);
 
+  // [snippet: save]
+  const auto saved = tuner.save_adapter(output / "adapter", {.base_model_name_or_path = "rankwise-toy-transformer"});
+  // [snippet: save]
+  std::ostringstream curve;
+  curve << "step,loss,lr_factor\n";
+  curve.precision(9);
+  for (std::size_t i = 0; i < tuner.losses().size(); ++i)
+    curve << i << ',' << tuner.losses()[i] << ',' << tuner.schedule().factor(long(i)) << '\n';
+  rankwise::write_file_atomically(output / "loss_curve.csv", curve.str());
+
+  const rankwise::FinetuneReport report = tuner.report();
   std::printf("\nsummary\n");
-  std::printf("  adapter            %s (rank %ld, alpha %g, targets %s)\n", s.adapter.c_str(), long(s.rank), s.alpha,
-              s.targets.c_str());
-  std::printf("  trainable params   %ld of %ld (%.3f %%)\n", long(summary.trainable), long(summary.total),
-              summary.percent());
-  std::printf("  %s accuracy   %.3f -> %.3f  (exact match, %ld held-out sequences)\n", s.task.c_str(), before, after,
-              long(s.eval_sequences));
-  std::printf("  time               pre-train %.1f s, fine-tune %.1f s (%.1f ms/step)\n", pretrain_seconds, tune_seconds,
-              1e3 * tune_seconds / double(std::max(1L, s.steps)));
-  std::printf("  loss curve         %s\n", (std::filesystem::path(s.output) / "loss_curve.csv").c_str());
-  hooks.report();
-  // The default run must show fine-tuning working on accuracy; the tiny test run only on the loss.
+  std::printf("  adapter            %s (rank %ld, alpha %g, targets %s, %ld steps, lr %g)\n", s.adapter.c_str(),
+              long(s.rank), s.alpha, targets.c_str(), s.steps, recipe.lr);
+  std::printf("  trainable params   %ld of %ld (%.3f %%)\n", long(report.parameters.trainable),
+              long(report.parameters.total), report.parameters.percent());
+  std::printf("  %s accuracy   %.3f -> %.3f  (exact match, %ld held-out sequences; loss %.3f -> %.3f)\n",
+              s.task.c_str(), before.accuracy, after.accuracy, long(after.sequences), before.loss, after.loss);
+  std::printf("  time               base %.1f s (%s), fine-tune %.1f s (%.1f ms/step)\n", base_seconds,
+              base.loaded ? "loaded" : "pre-trained", tune_seconds, 1e3 * tune_seconds / double(std::max(1L, s.steps)));
+  std::printf("  base model         %s\n", base_dir.c_str());
+  std::printf("  adapter            %s (%s)\n", saved.dir.c_str(),
+              saved.peft_type.empty() ? "rankwise files; PEFT has no form for RED"
+                                      : ("PEFT " + saved.peft_type + " and rankwise files").c_str());
+  std::printf("  loss curve         %s\n", (output / "loss_curve.csv").c_str());
+  if (!report.allocation_table.empty())
+    std::printf("\nfinal ranks per module (ALoRA, AB-LoRA scores)\n%s", report.allocation_table.c_str());
+  if (status != rankwise::Status::Ok) std::printf("warning: %s\n", report.message.c_str());
+  // The default run must show fine-tuning working on accuracy; the tiny test run on the loss.
+  const std::vector<double>& losses = tuner.losses();
   const std::size_t k = std::min<std::size_t>(5, losses.size() / 2);
   double first = 0, last = 0;
   for (std::size_t i = 0; i < k; ++i) {
     first += losses[i];
     last += losses[losses.size() - 1 - i];
   }
-  const bool ok = s.small ? last < first : after > before;
+  const bool ok = status == rankwise::Status::Ok && (s.small ? last < first : after.accuracy > before.accuracy);
   std::printf("finetune: %s\n", ok ? "OK" : "FAILED");
   return ok ? 0 : 1;
 }
@@ -324,25 +196,43 @@ int run(const Settings& s) {
 
 int main(int argc, char** argv) {
   Settings s;
-  CLI::App app{"Pre-train the toy transformer, then fine-tune it with an adapter on an unseen task."};
+  CLI::App app{"Pre-train the toy transformer (or reuse its cached base), then fine-tune it with an adapter on an "
+               "unseen task and save the adapter."};
   app.add_option("--adapter", s.adapter, "lora, dylora, erat, vera, red, melora or alora")->capture_default_str();
-  app.add_option("--rank", s.rank, "adapter rank (VeRA: the bank's rank is 16x this)")->capture_default_str();
-  app.add_option("--alpha", s.alpha, "adapter alpha")->capture_default_str();
-  app.add_option("--targets", s.targets, "all-linear, or module names separated by commas (q_proj,v_proj)")
+  app.add_option("--rank", s.rank, "adapter rank (DyLoRA/ERAT: r_max; VeRA: the shared bank's rank is 16x this)")
       ->capture_default_str();
+  app.add_option("--alpha", s.alpha, "adapter alpha (scale alpha / rank)")->capture_default_str();
+  app.add_option("--targets", s.targets,
+                 "module names separated by commas (q_proj,v_proj) or all-linear; default: all-linear, RED: "
+                 "mlp.down_proj");
   app.add_option("--task", s.task, "downstream task: relabel, sort or add")->capture_default_str();
   app.add_option("--steps", s.steps, "fine-tuning steps")->capture_default_str();
-  app.add_option("--lr", s.lr, "fine-tuning learning rate")->capture_default_str();
-  app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
-  app.add_option("--output", s.output, "directory for the adapter and the loss curve")->capture_default_str();
-  app.add_flag("--quiet", s.quiet, "no progress display");
-  app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences for the accuracy")->capture_default_str();
-  app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
-  app.add_option("--pretrain-steps", s.pretrain_steps, "pre-training steps")->capture_default_str();
+  app.add_option("--lr", s.lr, "peak learning rate of the linear schedule; default: 2e-3, VeRA, RED and ERAT 1e-2");
   app.add_option("--seed", s.seed, "seed of everything random")->capture_default_str();
   app.add_option("--threads", s.threads, "threads for the matrix products")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  app.add_option("--base", s.base,
+                 "base checkpoint directory: loaded if it holds one (same configuration), else pre-trained and "
+                 "saved there; default: <output>/base-cache/<configuration and recipe>");
+  app.add_option("--output", s.output, "directory for the adapter, the loss curve and the base cache")
+      ->capture_default_str();
+  app.add_option("--d-model", s.d_model, "model width (4 heads, d_ff = 4 d_model)")->capture_default_str();
+  app.add_option("--layers", s.layers, "transformer blocks")->capture_default_str();
+  app.add_option("--pretrain-steps", s.pretrain_steps, "pre-training steps of the base")->capture_default_str();
+  app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
+  app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences for the accuracy")->capture_default_str();
+  app.add_flag("--quiet", s.quiet, "no progress display");
+  app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "error: %s (see --help)\n", e.what());
+    return 2;
+  }
   if (s.small) {
+    if (app.count("--d-model") == 0) s.d_model = 32;
+    if (app.count("--layers") == 0) s.layers = 2;
     s.pretrain_steps = std::min(s.pretrain_steps, 60L);
     s.steps = std::min(s.steps, 40L);
     s.batch = std::min<Index>(s.batch, 16);
@@ -351,7 +241,8 @@ int main(int argc, char** argv) {
   }
   try {
     return run(s);
-  } catch (const rankwise::Error& e) {
+  } catch (const std::exception& e) {  // rankwise::Error and the rest: one line, nothing half done
+    std::fflush(stdout);
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
   }

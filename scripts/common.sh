@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared by scripts/demo.sh and scripts/test.sh: install what the build needs, then configure.
+# Shared by the scripts: install what the build needs, then configure.
 # On a fresh Debian 12 machine with g++, cmake and git, this is all the set-up there is.
 set -euo pipefail
 
@@ -8,10 +8,18 @@ export RANKWISE_ROOT
 
 # Debian packages the project builds with (docs/getting-started.md says what each is for).
 RANKWISE_PACKAGES=(libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libcli11-dev ccache)
+# Plots of the benchmarks (benchmarks/plot_variants.py, scripts/plot.sh); scripts/test.sh installs them
+# too, optionally, so that the suite's plot test runs.
+RANKWISE_PLOT_PACKAGES=(python3-matplotlib)
 
 rankwise_install_packages() {
+  rankwise_install_debian "${RANKWISE_PACKAGES[@]}" "$@"
+}
+
+# Installs the given Debian packages that are missing (and only those).
+rankwise_install_debian() {
   local missing=()
-  for pkg in "${RANKWISE_PACKAGES[@]}" "$@"; do
+  for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ "${#missing[@]}" -eq 0 ]; then
@@ -29,6 +37,24 @@ rankwise_install_packages() {
   fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Like rankwise_install_debian, but a failure only warns (the tests that need the packages skip).
+rankwise_install_optional_packages() {
+  (rankwise_install_debian "$@") || echo "warning: could not install $*; the tests that need it are skipped" >&2
+}
+
+# Prints the first python3 that imports matplotlib, Debian's /usr/bin/python3 first (another python3
+# earlier on PATH does not see Debian's python3-* packages); fails when there is none.
+rankwise_plot_python() {
+  local py
+  for py in /usr/bin/python3 "$(command -v python3 || true)"; do
+    if [ -n "$py" ] && [ -x "$py" ] && "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+      echo "$py"
+      return 0
+    fi
+  done
+  return 1
 }
 
 # rankwise_configure BUILD_DIR [cmake args...]

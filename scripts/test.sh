@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 rankwise_install_packages
+rankwise_install_optional_packages "${RANKWISE_PLOT_PACKAGES[@]}"
 build_dir="${BUILD_DIR:-$RANKWISE_ROOT/build/test}"
 echo "== configuring $build_dir"
 rankwise_configure "$build_dir" "$@"

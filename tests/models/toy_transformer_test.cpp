@@ -291,3 +291,19 @@ TEST_CASE("ToyTransformer: fine-tuning lowers the loss for every adapter, frozen
     CHECK(curve == again);
   }
 }
+
+TEST_CASE("inject_adapters: by hand, as docs/models/toy-transformer.md shows it", "[models][injection]") {
+  Random rng(8);
+  ToyTransformer<float> model({.vocab = 16, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 4}, rng);
+  // [snippet: inject]
+  rankwise::InjectionOptions options;
+  options.adapter = {"lora", rankwise::LoRAOptions{.rank = 8, .alpha = 16.0}};
+  options.target_modules = {"q_proj", "v_proj"};
+  const rankwise::Injection<float> adapters = rankwise::inject_adapters(model, options, rng);
+  rankwise::LoRA<float>& q0 = adapters.modules[0].slot->as<rankwise::LoRA<float>>();  // layers.0.attn.q_proj
+  // [snippet: inject]
+  CHECK(adapters.modules.size() == 4);
+  CHECK(adapters.modules[0].path == "layers.0.attn.q_proj");
+  CHECK(q0.rank() == 8);
+  CHECK(q0.scale() == 2.0);
+}

@@ -1,0 +1,751 @@
+#pragma once
+/// \file rankwise/models/finetune.hpp
+/// Training a ToyTransformer as library code: pretrain() (every weight, a task mixture) and Finetuner
+/// (one fine-tuning run with an adapter chosen by name), so that examples and benchmarks share one loop.
+///
+///   Finetuner(model, recipe, validation)   injects the recipe's adapters, builds AdamW over the
+///                 trainable parameters and owns the rank hooks: DyLoRA's rank sampler, ERAT-DLoRA's
+///                 windows, ALoRA's RankAllocator (AB-LoRA scores on the fixed validation batch)
+///   step(batch)   checks the batch; samplers set ranks; zero_grad; forward; loss and dL/dlogits
+///                 (a TrainingLoss: token cross-entropy unless another is given); backward; clipping;
+///                 learning-rate schedule; AdamW; the allocator's hook. Returns the loss.
+///   finish()      evaluation ranks (DyLoRA r_max, ERAT depth bounds) and the allocator's finish():
+///                 a run whose allocator never acted returns Status::NotApplied (report() says why)
+///   evaluate()    exact match and loss on held-out sequences; save_adapter()/load_adapter() files
+/// The allocator's hook lives inside step(), so it cannot be forgotten. Nothing here prints: progress
+/// goes to a callback, outcomes to Status values and reports. Docs: docs/models/finetune.md
+
+#include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/dylora.hpp>
+#include <rankwise/adapters/factory.hpp>
+#include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/melora.hpp>
+#include <rankwise/adapters/red.hpp>
+#include <rankwise/adapters/vera.hpp>
+#include <rankwise/core/error.hpp>
+#include <rankwise/core/parameter.hpp>
+#include <rankwise/core/random.hpp>
+#include <rankwise/core/types.hpp>
+#include <rankwise/io/atomic_file.hpp>
+#include <rankwise/io/named_adapter.hpp>
+#include <rankwise/io/peft.hpp>
+#include <rankwise/io/rankwise_adapter.hpp>
+#include <rankwise/layers/cross_entropy.hpp>
+#include <rankwise/models/injection.hpp>
+#include <rankwise/models/tasks.hpp>
+#include <rankwise/models/toy_transformer.hpp>
+#include <rankwise/optim/adamw.hpp>
+#include <rankwise/optim/grad_clip.hpp>
+#include <rankwise/optim/lr_schedule.hpp>
+#include <rankwise/rank/allocator.hpp>
+#include <rankwise/rank/dylora_sampler.hpp>
+#include <rankwise/rank/erat_sampler.hpp>
+#include <rankwise/rank/importance.hpp>
+#include <rankwise/rank/module.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace rankwise {
+
+// --- losses --------------------------------------------------------------------------------------
+
+/// What a training loop minimises. A loss sees the whole batch, so one that needs more than the
+/// target ids (a teacher's distributions, computed from batch.tokens or carried with the batch) plugs
+/// in without changing the loop.
+template <FloatScalar Scalar>
+class TrainingLoss {
+ public:
+  virtual ~TrainingLoss() = default;
+  /// Short name for reports ("cross_entropy").
+  virtual const char* name() const = 0;
+  /// The loss of `logits` (vocab x batch * seq_len) on `batch`; dL/dlogits is assigned to `dlogits`.
+  virtual double forward_backward(const Matrix<Scalar>& logits, const TokenBatch& batch, Matrix<Scalar>& dlogits) = 0;
+  /// The loss alone (the allocator's validation batch, evaluation).
+  virtual double value(const Matrix<Scalar>& logits, const TokenBatch& batch) = 0;
+};
+
+/// Next-token cross-entropy on batch.targets (ignore_index positions are not scored): the default.
+template <FloatScalar Scalar>
+class TokenCrossEntropy final : public TrainingLoss<Scalar> {
+ public:
+  const char* name() const override { return "cross_entropy"; }
+  double forward_backward(const Matrix<Scalar>& logits, const TokenBatch& batch, Matrix<Scalar>& dlogits) override {
+    const double loss = m_ce.forward(logits, batch.targets);
+    m_ce.backward(dlogits);
+    return loss;
+  }
+  double value(const Matrix<Scalar>& logits, const TokenBatch& batch) override {
+    return m_ce.forward(logits, batch.targets);
+  }
+
+ private:
+  CrossEntropy<Scalar> m_ce;
+};
+
+// --- progress and evaluation -----------------------------------------------------------------------
+
+/// One finished training step, for progress displays (the library never prints).
+struct TrainingProgress {
+  long step = 0;          ///< steps done, 1-based
+  long total = 0;         ///< steps in the run
+  double loss = 0.0;      ///< this step's loss
+  double lr_factor = 0.0; ///< the schedule's factor used by this step
+  Index tokens = 0;       ///< tokens in this step's batch
+};
+using ProgressCallback = std::function<void(const TrainingProgress&)>;
+
+/// Exact match and mean token cross-entropy on held-out sequences.
+struct Evaluation {
+  double accuracy = 0.0;  ///< fraction of sequences whose every scored token is the argmax
+  double loss = 0.0;      ///< mean over batches of the token cross-entropy
+  Index sequences = 0;
+};
+
+namespace detail {
+
+/// Sizes and ids of a batch against a model, before anything changes.
+template <FloatScalar Scalar>
+void check_batch(const char* where, const ToyTransformer<Scalar>& model, const TokenBatch& batch) {
+  const ToyTransformerConfig& c = model.config();
+  if (batch.batch < 1 || batch.seq_len < 1)
+    fail(where, "a batch needs batch >= 1 and seq_len >= 1 (got ", batch.batch, " x ", batch.seq_len, ")");
+  if (batch.seq_len > c.max_seq_len)
+    fail(where, "sequences of ", batch.seq_len, " tokens are longer than the model's context max_seq_len = ",
+         c.max_seq_len);
+  const std::size_t n = std::size_t(batch.batch * batch.seq_len);
+  if (batch.tokens.size() != n || batch.targets.size() != n)
+    fail(where, "a batch of ", batch.batch, " x ", batch.seq_len, " needs ", n, " tokens and targets (got ",
+         batch.tokens.size(), " and ", batch.targets.size(), ")");
+  for (std::size_t i = 0; i < n; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= c.vocab)
+      fail(where, "token id ", batch.tokens[i], " at position ", i, " is outside the vocabulary [0, ", c.vocab, ")");
+    if (batch.targets[i] != ignore_index && (batch.targets[i] < 0 || batch.targets[i] >= c.vocab))
+      fail(where, "target ", batch.targets[i], " at position ", i, " is outside the vocabulary [0, ", c.vocab,
+           ") and is not ignore_index");
+  }
+}
+
+template <FloatScalar Scalar>
+void check_task(const char* where, const ToyTransformer<Scalar>& model, const TaskGenerator& task) {
+  const TaskOptions& o = task.options();
+  if (o.seq_len > model.config().max_seq_len)
+    fail(where, "the task's sequences of ", o.seq_len, " tokens are longer than the model's context max_seq_len = ",
+         model.config().max_seq_len);
+  if (o.vocab > model.config().vocab)
+    fail(where, "the task uses token ids up to ", o.vocab - 1, ", outside the model's vocabulary [0, ",
+         model.config().vocab, ")");
+}
+
+/// The block index of "layers.{i}.<...>"; the deepest block for modules outside the blocks (lm_head).
+inline Index module_depth(const std::string& path, Index layers) {
+  const std::string prefix = "layers.";
+  if (path.rfind(prefix, 0) == 0) {
+    const std::size_t dot = path.find('.', prefix.size());
+    const std::string number = path.substr(prefix.size(), dot == std::string::npos ? std::string::npos : dot - prefix.size());
+    if (!number.empty() && number.size() < 7 && number.find_first_not_of("0123456789") == std::string::npos)
+      return std::min<Index>(std::stol(number), layers - 1);
+  }
+  return layers - 1;
+}
+
+}  // namespace detail
+
+/// Exact match and loss of `model` on `sequences` held-out sequences of `task`, drawn from
+/// Random(seed) in batches of `batch` (a seed the training streams do not use). Evaluates in eval
+/// mode and restores the model's training flag.
+template <FloatScalar Scalar>
+Evaluation evaluate_model(ToyTransformer<Scalar>& model, const TaskGenerator& task, Index sequences, Index batch = 32,
+                          std::uint64_t seed = 0xE7A1) {
+  const char* where = "rankwise::evaluate_model";
+  if (sequences < 1 || batch < 1)
+    detail::fail(where, "sequences and batch must be >= 1 (got ", sequences, " and ", batch, ")");
+  detail::check_task(where, model, task);
+  const bool training = model.is_training();
+  model.set_training(false);
+  Random rng(seed);
+  Matrix<Scalar> logits;
+  CrossEntropy<Scalar> ce;
+  Evaluation result;
+  double right = 0.0, loss = 0.0;
+  Index batches = 0;
+  while (result.sequences < sequences) {
+    const Index b = std::min(batch, sequences - result.sequences);
+    const TokenBatch data = task.sample(b, rng);
+    model.forward(data.tokens, data.seq_len, logits);
+    right += exact_match<Scalar>(data, logits) * double(b);
+    loss += ce.forward(logits, data.targets);
+    result.sequences += b;
+    ++batches;
+  }
+  model.set_training(training);
+  result.accuracy = right / double(result.sequences);
+  result.loss = loss / double(batches);
+  return result;
+}
+
+// --- pre-training ----------------------------------------------------------------------------------
+
+/// How the base model is pre-trained: every weight, AdamW, warm-up then cosine decay, clipping.
+struct PretrainRecipe {
+  TaskKind task = TaskKind::Mixture;  ///< copy, reverse and grammar, one per sequence
+  TaskOptions task_options{};
+  long steps = 1500;
+  Index batch = 32;                   ///< sequences per step
+  double lr = 3e-3;
+  double weight_decay = 0.01;
+  long warmup_steps = -1;             ///< -1: steps / 20
+  double final_lr_factor = 0.05;      ///< the cosine schedule ends at lr * final_lr_factor
+  double clip_norm = 1.0;             ///< global gradient-norm clipping; 0: none
+  std::uint64_t seed = 1;             ///< the model's initialisation (load_or_pretrain) and the data stream
+};
+
+struct PretrainResult {
+  long steps = 0;
+  long skipped_steps = 0;   ///< steps whose loss or gradient was not finite (no update)
+  double final_loss = 0.0;  ///< mean loss of the last tenth of the steps
+};
+
+/// Trains every trainable parameter of `model` on recipe.task, drawing batches from a stream seeded
+/// by recipe.seed. Calls `on_step` after every step.
+template <FloatScalar Scalar>
+PretrainResult pretrain(ToyTransformer<Scalar>& model, const PretrainRecipe& recipe, const ProgressCallback& on_step = {}) {
+  const char* where = "rankwise::pretrain";
+  if (recipe.steps < 1) detail::fail(where, "steps must be >= 1 (got ", recipe.steps, ")");
+  if (recipe.batch < 1) detail::fail(where, "batch must be >= 1 (got ", recipe.batch, ")");
+  if (!(recipe.clip_norm >= 0.0) || !std::isfinite(recipe.clip_norm))
+    detail::fail(where, "clip_norm must be a finite number >= 0 (got ", recipe.clip_norm, ")");
+  if (recipe.warmup_steps < -1 || recipe.warmup_steps >= recipe.steps)
+    detail::fail(where, "warmup_steps must be -1 (steps / 20) or in [0, steps) = [0, ", recipe.steps, ") (got ",
+                 recipe.warmup_steps, ")");
+  const TaskGenerator task(recipe.task, recipe.task_options);
+  detail::check_task(where, model, task);
+  std::vector<Parameter<Scalar>*> params;
+  for (Parameter<Scalar>* p : model.parameters())
+    if (p->trainable) params.push_back(p);
+  if (params.empty()) detail::fail(where, "the model has no trainable parameter");
+  AdamW<Scalar> optimizer(params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay});
+  const long warmup = recipe.warmup_steps < 0 ? recipe.steps / 20 : recipe.warmup_steps;
+  const LRSchedule schedule = LRSchedule::cosine(warmup, recipe.steps, recipe.final_lr_factor);
+  Random rng(recipe.seed * 7919 + 1);
+  TokenCrossEntropy<Scalar> loss_fn;
+  Matrix<Scalar> logits, dlogits;
+  PretrainResult result;
+  const long tail = std::max(1L, recipe.steps / 10);
+  double tail_sum = 0.0;
+  model.set_training(true);
+  for (long step = 0; step < recipe.steps; ++step) {
+    const TokenBatch data = task.sample(recipe.batch, rng);
+    model.zero_grad();
+    model.forward(data.tokens, data.seq_len, logits);
+    const double loss = loss_fn.forward_backward(logits, data, dlogits);
+    model.backward(dlogits);
+    const double norm =
+        recipe.clip_norm > 0.0 ? clip_grad_norm(params, recipe.clip_norm).norm : gradient_norm(params);
+    const double factor = schedule.factor(step);
+    if (std::isfinite(loss) && std::isfinite(norm)) {
+      optimizer.set_lr_factor(factor);
+      optimizer.step();
+    } else {
+      ++result.skipped_steps;
+    }
+    if (step >= recipe.steps - tail) tail_sum += loss;
+    result.steps = step + 1;
+    if (on_step) on_step({step + 1, recipe.steps, loss, factor, Index(data.tokens.size())});
+  }
+  result.final_loss = tail_sum / double(tail);
+  return result;
+}
+
+// --- fine-tuning ----------------------------------------------------------------------------------
+
+/// The method names a FinetuneRecipe accepts. "alora" is LoRA whose ranks a RankAllocator moves
+/// (ALoRA, *Allocating* LoRA, arXiv:2403.16187 — not PEFT's Activated LoRA; its files are plain LoRA).
+inline constexpr std::array<std::string_view, 7> finetune_adapter_names = {"lora", "dylora", "erat", "vera",
+                                                                           "red",  "melora", "alora"};
+
+/// The peak learning rate examples/finetune uses for each method: 2e-3 for the LoRA family (LoRA,
+/// ALoRA, DyLoRA, MELoRA), 1e-2 for the methods that train few parameters per module or a narrow
+/// window of ranks per step (VeRA, RED, ERAT), chosen on the toy tasks (docs/models/finetune.md).
+inline double recommended_lr(std::string_view adapter) {
+  return adapter == "vera" || adapter == "red" || adapter == "erat" ? 1e-2 : 2e-3;
+}
+
+/// Everything one fine-tuning run is made of, but the data.
+struct FinetuneRecipe {
+  std::string adapter = "lora";  ///< lora, dylora, erat, vera, red, melora, alora
+  /// LoRA/ALoRA: rank; DyLoRA/ERAT: r_max; MELoRA: equivalent rank (melora_n minis of rank / melora_n);
+  /// VeRA: see vera_rank; RED: unused.
+  Index rank = 8;
+  double alpha = 16.0;                        ///< LoRA, DyLoRA, ERAT, MELoRA
+  /// PEFT's target_modules: names matched against the end of the module path ("q_proj",
+  /// "attn.v_proj"), or {"all-linear"}. With target_regex empty too: every linear module but lm_head,
+  /// for RED every mlp.down_proj (where RED edits).
+  std::vector<std::string> target_modules{};
+  std::string target_regex{};                 ///< or a regular expression over the whole path
+  AdapterOptions options{};                   ///< replaces the options built from rank and alpha (same kind)
+  Index vera_rank = 0;                        ///< rank of VeRA's shared bank; 0: 16 x rank
+  Index melora_n = 4;                         ///< MELoRA's number of minis
+  bool dylora_frozen = false;                 ///< DyLoRA: train only component b - 1 (the paper) or all of [0, b)
+  double lr = 2e-3;
+  double weight_decay = 0.0;
+  ScheduleKind schedule = ScheduleKind::Linear;
+  long warmup_steps = -1;                     ///< -1: steps / 10
+  double final_lr_factor = 0.0;
+  long steps = 400;
+  double clip_norm = 1.0;                     ///< global gradient-norm clipping; 0: none
+  std::uint64_t seed = 1;                     ///< adapters' init, VeRA's bank, samplers, allocator (not the data)
+  /// ALoRA's schedule; unset: K1 = steps / 5, K2 = steps / 10, N_A = 4 rounds, budget = initial ranks.
+  std::optional<RankAllocatorOptions> allocator{};
+  /// ALoRA's importance scores: "ablation" (AB-LoRA, the paper's; needs the validation batch),
+  /// "sensitivity" (AdaLoRA's smoothed |w dL/dw| with its uncertainty, from the training gradients)
+  /// or "magnitude" (|B| |A| per rank, a cheap baseline).
+  std::string importance = "ablation";
+};
+
+/// The end of a run, for summaries.
+struct FinetuneReport {
+  std::string adapter;
+  long steps = 0;                      ///< steps taken
+  long skipped_steps = 0;              ///< steps whose loss or gradient was not finite (no update)
+  ParameterSummary parameters;         ///< trainable and total parameters now
+  Status status = Status::Ok;          ///< finish()'s outcome (Ok before finish())
+  std::string message;                 ///< why, when status is not Ok; the allocator's summary otherwise
+  std::map<std::string, Index> ranks;  ///< ALoRA: rank per module now; DyLoRA/ERAT: evaluation rank
+  std::string allocation_table;        ///< ALoRA: RankAllocator::format_table()
+};
+
+/// The details of the last step() (step() itself returns the loss).
+struct StepInfo {
+  long step = 0;           ///< 1-based
+  double loss = 0.0;
+  double grad_norm = 0.0;  ///< before clipping
+  double lr_factor = 0.0;
+  bool skipped = false;    ///< non-finite loss or gradient: no update, no allocator step
+  bool ranks_changed = false;
+};
+
+template <FloatScalar Scalar>
+class Finetuner {
+ public:
+  /// Injects the recipe's adapters into `model` (which must hold plain linear layers and outlive the
+  /// Finetuner). `validation` is the allocator's fixed batch for AB-LoRA scores: required for
+  /// "alora", ignored otherwise. `loss` replaces token cross-entropy (for training and validation).
+  /// A bad recipe throws InvalidArgument and leaves the model as it was (check_recipe() runs first).
+  Finetuner(ToyTransformer<Scalar>& model, const FinetuneRecipe& recipe, const TokenBatch& validation = {},
+            std::shared_ptr<TrainingLoss<Scalar>> loss = nullptr)
+      : Finetuner(prechecked(model, recipe, validation), recipe, validation, std::move(loss), Unchecked{}) {}
+
+  Finetuner(const Finetuner&) = delete;
+  Finetuner& operator=(const Finetuner&) = delete;
+  Finetuner(Finetuner&&) = delete;  // the hooks hold pointers into this object
+  Finetuner& operator=(Finetuner&&) = delete;
+
+  /// Checks `recipe` against a model of `config` by setting it up on a scratch model, so that a
+  /// program meets every set-up error before it pre-trains or writes anything.
+  static void check_recipe(const ToyTransformerConfig& config, const FinetuneRecipe& recipe,
+                           const TokenBatch& validation = {}) {
+    Random rng(0);
+    ToyTransformer<Scalar> scratch(config, rng);
+    Finetuner probe(scratch, recipe, validation, nullptr, Unchecked{});
+  }
+
+  // --- the training step ------------------------------------------------------------------------
+  /// One optimisation step on `batch`; returns its loss. Throws InvalidArgument for a batch that does
+  /// not fit the model (nothing changes then), StateError after the recipe's steps or after finish().
+  double step(const TokenBatch& batch) {
+    if (m_finished) detail::fail<StateError>(where, "step() after finish(): the run is over");
+    if (m_step >= m_recipe.steps)
+      detail::fail<StateError>(where, "the recipe's ", m_recipe.steps, " steps are done; call finish()");
+    // [snippet: step]
+    detail::check_batch(where, m_model, batch);
+    before_step();
+    m_model.zero_grad();
+    m_model.forward(batch.tokens, batch.seq_len, m_logits);
+    const double loss = m_loss->forward_backward(m_logits, batch, m_dlogits);
+    m_model.backward(m_dlogits);
+    StepInfo info;
+    info.step = m_step + 1;
+    info.loss = loss;
+    info.grad_norm = m_recipe.clip_norm > 0.0 ? clip_grad_norm(m_params, m_recipe.clip_norm).norm
+                                              : gradient_norm(m_params);
+    info.lr_factor = m_schedule.factor(m_step);
+    if (std::isfinite(loss) && std::isfinite(info.grad_norm)) {
+      m_optimizer.set_lr_factor(info.lr_factor);
+      m_optimizer.step();
+      if (m_allocator) {
+        m_allocator->step();  // NonFinite: the round was abandoned and is retried (see its events())
+        info.ranks_changed = m_allocator->acted_at_last_step();
+      }
+    } else {
+      info.skipped = true;
+      ++m_skipped;
+    }
+    // [snippet: step]
+    ++m_step;
+    m_losses.push_back(loss);
+    m_last = info;
+    return loss;
+  }
+
+  /// Ends training: every adapter at its evaluation rank, the allocator's finish(). Returns
+  /// NotApplied when the allocator never acted, NonFinite when steps were skipped, Ok otherwise
+  /// (report().message says more). Calling it again returns the same status.
+  Status finish() {
+    if (m_finished) return m_status;
+    apply_evaluation_ranks();
+    m_status = Status::Ok;
+    m_message.clear();
+    if (m_allocator) {
+      m_status = m_allocator->finish();
+      m_message = m_allocator->message();
+    }
+    if (m_status == Status::Ok && m_skipped > 0) {
+      m_status = Status::NonFinite;
+      m_message = std::to_string(m_skipped) + " of " + std::to_string(m_step) +
+                  " steps were skipped because their loss or gradient was not finite";
+    }
+    m_finished = true;
+    return m_status;
+  }
+
+  /// Exact match and loss of the model on held-out sequences of `task`, at the evaluation ranks.
+  Evaluation evaluate(const TaskGenerator& task, Index sequences, Index batch = 32, std::uint64_t seed = 0xE7A1) {
+    apply_evaluation_ranks();
+    return evaluate_model(m_model, task, sequences, batch, seed);
+  }
+
+  // --- state and reports ----------------------------------------------------------------------------
+  long steps_done() const { return m_step; }
+  bool is_finished() const { return m_finished; }
+  const std::vector<double>& losses() const { return m_losses; }
+  const StepInfo& last_step() const { return m_last; }
+  const FinetuneRecipe& recipe() const { return m_recipe; }
+  const Injection<Scalar>& injection() const { return m_injection; }
+  const LRSchedule& schedule() const { return m_schedule; }
+  AdamW<Scalar>& optimizer() { return m_optimizer; }
+  ToyTransformer<Scalar>& model() { return m_model; }
+  const TrainingLoss<Scalar>& loss() const { return *m_loss; }
+  /// The rank allocator of an "alora" run, else nullptr.
+  const RankAllocator<Scalar>* allocator() const { return m_allocator.get(); }
+
+  FinetuneReport report() const {
+    FinetuneReport r;
+    r.adapter = m_recipe.adapter;
+    r.steps = m_step;
+    r.skipped_steps = m_skipped;
+    r.parameters = summarize_parameters(m_model);
+    r.status = m_status;
+    r.message = m_message;
+    if (m_allocator) {
+      r.ranks = m_allocator->rank_pattern();
+      r.allocation_table = m_allocator->format_table();
+      if (r.message.empty()) r.message = m_allocator->message();
+    }
+    for (std::size_t i = 0; i < m_dylora.size(); ++i) r.ranks[m_dylora_paths[i]] = evaluation_rank(i);
+    return r;
+  }
+
+  /// The adapted modules as typed NamedAdapters (for the io/ functions): T is the adapter type
+  /// (LoRA<Scalar>, DyLoRA<Scalar>, VeRA<Scalar>, ...) or AnyLinear<Scalar> for the slots themselves.
+  template <typename T>
+  std::vector<NamedAdapter<T>> adapters() const {
+    std::vector<NamedAdapter<T>> out;
+    for (const InjectedModule<Scalar>& m : m_injection.modules) {
+      if constexpr (std::is_same_v<T, AnyLinear<Scalar>>)
+        out.push_back({m.path, m.slot});
+      else
+        out.push_back({m.path, &m.slot->template as<T>()});
+    }
+    return out;
+  }
+
+  // --- files -----------------------------------------------------------------------------------------
+  /// What save_adapter() wrote into its directory.
+  struct SavedAdapter {
+    std::filesystem::path dir;
+    std::string peft_type;  ///< "LORA", "VERA", or empty when the kind has no PEFT form (RED)
+  };
+
+  /// Saves the adapters, at their evaluation ranks, into `dir`: rankwise's adapter directory
+  /// (rankwise_adapter.json / .safetensors, the whole state, every kind) and, where PEFT has a form
+  /// for the kind, PEFT's files next to them (adapter_config.json / adapter_model.safetensors): LoRA,
+  /// ALoRA (rank_pattern), DyLoRA and ERAT at their evaluation ranks and MELoRA as plain LoRA, VeRA
+  /// natively. Also writes finetune_recipe.json, the recipe as a record. Each file is atomic.
+  SavedAdapter save_adapter(const std::filesystem::path& dir, const PeftSaveOptions& peft = {}) {
+    apply_evaluation_ranks();
+    SavedAdapter saved{dir, {}};
+    save_rankwise_adapter(dir, adapters<AnyLinear<Scalar>>());
+    if (m_recipe.adapter == "vera") {
+      save_peft_vera(dir, adapters<VeRA<Scalar>>(), peft);
+      saved.peft_type = "VERA";
+    } else if (m_recipe.adapter != "red") {
+      save_peft_adapter(dir, adapters<AnyLinear<Scalar>>(), peft);
+      saved.peft_type = "LORA";
+    }
+    write_file_atomically(dir / "finetune_recipe.json", recipe_json(m_recipe).dump(2) + "\n", peft.durable);
+    return saved;
+  }
+
+  /// Loads rankwise's adapter directory written by save_adapter() from a run of the same recipe
+  /// (same adapter kind, targets and seed) into this Finetuner's model, before any step.
+  void load_adapter(const std::filesystem::path& dir) {
+    if (m_step > 0) detail::fail<StateError>(where, "load_adapter() after ", m_step, " steps: load before training");
+    load_rankwise_adapter(dir, adapters<AnyLinear<Scalar>>());
+  }
+
+  /// The recipe as JSON (finetune_recipe.json).
+  static nlohmann::json recipe_json(const FinetuneRecipe& r) {
+    nlohmann::json j;
+    j["adapter"] = r.adapter;
+    j["rank"] = r.rank;
+    j["alpha"] = r.alpha;
+    j["target_modules"] = r.target_modules;
+    j["target_regex"] = r.target_regex;
+    j["custom_options"] = !std::holds_alternative<std::monostate>(r.options);
+    j["vera_rank"] = r.vera_rank;
+    j["melora_n"] = r.melora_n;
+    j["dylora_frozen"] = r.dylora_frozen;
+    j["lr"] = r.lr;
+    j["weight_decay"] = r.weight_decay;
+    j["schedule"] = r.schedule == ScheduleKind::Constant ? "constant" : r.schedule == ScheduleKind::Linear ? "linear" : "cosine";
+    j["warmup_steps"] = r.warmup_steps;
+    j["final_lr_factor"] = r.final_lr_factor;
+    j["steps"] = r.steps;
+    j["clip_norm"] = r.clip_norm;
+    j["seed"] = r.seed;
+    j["importance"] = r.importance;
+    if (r.allocator)
+      j["allocator"] = {{"warmup_steps", r.allocator->warmup_steps}, {"rounds", r.allocator->rounds},
+                        {"recovery_steps", r.allocator->recovery_steps}, {"ranks_per_round", r.allocator->ranks_per_round}};
+    return j;
+  }
+
+ private:
+  static constexpr const char* where = "rankwise::Finetuner";
+
+  struct Unchecked {};
+
+  /// Sets the recipe up on `model` directly: a failure after the injection leaves the model adapted,
+  /// which is why the public constructor first runs check_recipe() on a scratch model.
+  Finetuner(ToyTransformer<Scalar>& model, const FinetuneRecipe& recipe, const TokenBatch& validation,
+            std::shared_ptr<TrainingLoss<Scalar>> loss, Unchecked)
+      : m_model(model),
+        m_recipe(checked(model, recipe, validation)),
+        m_rng(recipe.seed),
+        m_injection(inject_adapters(model, injection_options(recipe), m_rng)),
+        m_params(trainable_parameters(model)),
+        m_optimizer(m_params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay}),
+        m_schedule(schedule_of(recipe)),
+        m_loss(loss ? std::move(loss) : std::make_shared<TokenCrossEntropy<Scalar>>()),
+        m_validation(validation) {
+    m_model.set_training(true);
+    m_losses.reserve(std::size_t(recipe.steps));
+    set_up_hooks();
+  }
+
+  static ToyTransformer<Scalar>& prechecked(ToyTransformer<Scalar>& model, const FinetuneRecipe& recipe,
+                                            const TokenBatch& validation) {
+    check_recipe(model.config(), recipe, validation);
+    return model;
+  }
+
+  static bool is_method(std::string_view name) {
+    return std::find(finetune_adapter_names.begin(), finetune_adapter_names.end(), name) != finetune_adapter_names.end();
+  }
+
+  /// The checks that do not need the model to change (the injection checks the rest, before it
+  /// changes anything).
+  static const FinetuneRecipe& checked(ToyTransformer<Scalar>& model, const FinetuneRecipe& r,
+                                       const TokenBatch& validation) {
+    if (!is_method(r.adapter))
+      detail::fail(where, "adapter must be one of lora, dylora, erat, vera, red, melora, alora (got \"", r.adapter, "\")");
+    if (r.rank < 1) detail::fail(where, "rank must be >= 1 (got ", r.rank, ")");
+    if (!(r.alpha > 0.0) || !std::isfinite(r.alpha)) detail::fail(where, "alpha must be a finite number > 0 (got ", r.alpha, ")");
+    if (r.steps < 1) detail::fail(where, "steps must be >= 1 (got ", r.steps, ")");
+    if (r.warmup_steps < -1 || r.warmup_steps >= r.steps)
+      detail::fail(where, "warmup_steps must be -1 (steps / 10) or in [0, steps) = [0, ", r.steps, ") (got ",
+                   r.warmup_steps, ")");
+    if (!(r.clip_norm >= 0.0) || !std::isfinite(r.clip_norm))
+      detail::fail(where, "clip_norm must be a finite number >= 0 (got ", r.clip_norm, ")");
+    if (r.vera_rank < 0) detail::fail(where, "vera_rank must be >= 0 (got ", r.vera_rank, ")");
+    if (r.melora_n < 1) detail::fail(where, "melora_n must be >= 1 (got ", r.melora_n, ")");
+    if (r.allocator && r.adapter != "alora")
+      detail::fail(where, "allocator options apply to adapter \"alora\" (got \"", r.adapter, "\")");
+    if (r.importance != "ablation" && r.importance != "sensitivity" && r.importance != "magnitude")
+      detail::fail(where, "importance must be one of ablation, sensitivity, magnitude (got \"", r.importance, "\")");
+    if (r.importance != "ablation" && r.adapter != "alora")
+      detail::fail(where, "importance \"", r.importance, "\" applies to adapter \"alora\" (got \"", r.adapter, "\")");
+    if (r.adapter == "alora" && r.importance == "ablation") {
+      if (validation.batch < 1)
+        detail::fail(where, "adapter \"alora\" needs a validation batch for its importance scores (got none)");
+      detail::check_batch(where, model, validation);
+    }
+    bool ranked = false;  // the model must still be a base model
+    model.for_each_slot([&](const std::string&, AnyLinear<Scalar>& slot) {
+      ranked = ranked || slot.kind() != "linear";
+    });
+    if (ranked)
+      detail::fail(where, "the model already holds adapters; fine-tune a model with plain linear modules "
+                          "(load the base again)");
+    return r;
+  }
+
+  static InjectionOptions injection_options(const FinetuneRecipe& r) {
+    InjectionOptions o;
+    const std::string kind = r.adapter == "alora" ? "lora" : r.adapter;
+    o.adapter.name = kind;
+    if (!std::holds_alternative<std::monostate>(r.options)) {
+      o.adapter.options = r.options;
+    } else if (kind == "lora") {
+      o.adapter.options = LoRAOptions{.rank = r.rank, .alpha = r.alpha};
+    } else if (kind == "dylora" || kind == "erat") {
+      o.adapter.options = DyLoRAOptions{.max_rank = r.rank, .alpha = r.alpha, .frozen = r.dylora_frozen};
+    } else if (kind == "melora") {  // n minis of rank r / n: the same equivalent rank as LoRA's r
+      o.adapter.options =
+          MELoRAOptions{.n = r.melora_n, .mini_rank = std::max<Index>(1, r.rank / r.melora_n), .alpha = r.alpha};
+    }
+    if (kind == "vera") o.vera_rank = r.vera_rank > 0 ? r.vera_rank : 16 * r.rank;
+    const bool all = r.target_modules.size() == 1 && r.target_modules.front() == "all-linear";
+    if (all) {
+      o.all_linear = true;
+    } else if (!r.target_modules.empty()) {
+      o.target_modules = r.target_modules;
+    }
+    o.target_regex = r.target_regex;
+    if (r.target_modules.empty() && r.target_regex.empty() && kind != "red") o.all_linear = true;
+    return o;
+  }
+
+  static std::vector<Parameter<Scalar>*> trainable_parameters(ToyTransformer<Scalar>& model) {
+    std::vector<Parameter<Scalar>*> params;
+    for (Parameter<Scalar>* p : model.parameters())
+      if (p->trainable) params.push_back(p);
+    return params;
+  }
+
+  static LRSchedule schedule_of(const FinetuneRecipe& r) {
+    const long warmup = r.warmup_steps < 0 ? r.steps / 10 : r.warmup_steps;
+    if (r.schedule == ScheduleKind::Constant) return LRSchedule::constant();
+    return LRSchedule({r.schedule, warmup, r.steps, r.final_lr_factor});
+  }
+
+  void set_up_hooks() {
+    const Index layers = m_model.config().layers;
+    for (const InjectedModule<Scalar>& m : m_injection.modules) {
+      if (m.slot->kind() != "dylora" && m.slot->kind() != "erat") continue;
+      m_dylora.push_back(&m.slot->template as<DyLoRA<Scalar>>());
+      m_dylora_paths.push_back(m.path);
+      m_depths.push_back(detail::module_depth(m.path, layers));
+    }
+    Index max_rank = 1;
+    for (const DyLoRA<Scalar>* d : m_dylora) max_rank = std::max(max_rank, d->max_rank());
+    if (m_recipe.adapter == "dylora")
+      m_dylora_sampler.emplace(DyLoRASamplerOptions{.min_rank = 1, .max_rank = max_rank}, m_rng);
+    if (m_recipe.adapter == "erat")
+      m_erat_sampler.emplace(ERATSamplerOptions{.max_rank = max_rank, .min_rank = 1, .total_steps = m_recipe.steps,
+                                                .num_layers = layers},
+                             m_rng);
+    if (m_recipe.adapter == "alora") {
+      std::vector<RankModule<Scalar>> modules;
+      for (const InjectedModule<Scalar>& m : m_injection.modules)
+        modules.emplace_back(m.slot->template as<LoRA<Scalar>>(), m.path);
+      if (m_recipe.importance == "sensitivity")
+        m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
+      else if (m_recipe.importance == "magnitude")
+        m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
+      else
+        m_estimator = std::make_unique<AblationImportance<Scalar>>([this] { return validation_loss(); });
+      RankAllocatorOptions options;
+      if (m_recipe.allocator) {
+        options = *m_recipe.allocator;
+      } else {
+        options.warmup_steps = std::max(1L, m_recipe.steps / 5);     // K1
+        options.rounds = 4;                                          // N_A
+        options.recovery_steps = std::max(1L, m_recipe.steps / 10);  // K2
+      }
+      if (options.total_steps == 0) options.total_steps = m_recipe.steps;
+      m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
+      m_allocator->add_optimizer(m_optimizer);
+    }
+  }
+
+  void before_step() {
+    if (m_dylora_sampler) {
+      const Index b = m_dylora_sampler->sample();  // one rank for the whole model
+      for (DyLoRA<Scalar>* d : m_dylora) d->set_active_rank(std::min(b, d->max_rank()));
+    }
+    if (m_erat_sampler) {
+      m_erat_sampler->sample_step(m_step, m_depths, m_windows);  // a window per module
+      for (std::size_t i = 0; i < m_dylora.size(); ++i) {
+        const Index b = std::min(m_windows[i].b, m_dylora[i]->max_rank());
+        m_dylora[i]->set_window(std::min(m_windows[i].lo, b - 1), b);
+      }
+    }
+  }
+
+  /// DyLoRA evaluates with every rank it trained (r_max); ERAT with each depth's bound.
+  Index evaluation_rank(std::size_t i) const {
+    const Index bound = m_erat_sampler ? m_erat_sampler->depth_bound(m_depths[i]) : m_dylora[i]->max_rank();
+    return std::min(bound, m_dylora[i]->max_rank());
+  }
+
+  void apply_evaluation_ranks() {
+    for (std::size_t i = 0; i < m_dylora.size(); ++i) m_dylora[i]->set_active_rank(evaluation_rank(i));
+  }
+
+  /// The loss on the fixed validation batch, in eval mode (AB-LoRA's CE(M)).
+  double validation_loss() {
+    const bool training = m_model.is_training();
+    m_model.set_training(false);
+    m_model.forward(m_validation.tokens, m_validation.seq_len, m_validation_logits);
+    m_model.set_training(training);
+    return m_loss->value(m_validation_logits, m_validation);
+  }
+
+  ToyTransformer<Scalar>& m_model;
+  FinetuneRecipe m_recipe;
+  Random m_rng;
+  Injection<Scalar> m_injection;
+  std::vector<Parameter<Scalar>*> m_params;
+  AdamW<Scalar> m_optimizer;
+  LRSchedule m_schedule;
+  std::shared_ptr<TrainingLoss<Scalar>> m_loss;
+  TokenBatch m_validation;
+  Matrix<Scalar> m_validation_logits;
+  // rank hooks
+  std::vector<DyLoRA<Scalar>*> m_dylora;
+  std::vector<std::string> m_dylora_paths;
+  std::vector<Index> m_depths;
+  std::vector<RankWindow> m_windows;
+  std::optional<DyLoRASampler> m_dylora_sampler;
+  std::optional<ERATSampler> m_erat_sampler;
+  std::unique_ptr<ImportanceEstimator<Scalar>> m_estimator;
+  std::unique_ptr<RankAllocator<Scalar>> m_allocator;
+  // the step
+  Matrix<Scalar> m_logits, m_dlogits;
+  long m_step = 0;
+  long m_skipped = 0;
+  std::vector<double> m_losses;
+  StepInfo m_last;
+  bool m_finished = false;
+  Status m_status = Status::Ok;
+  std::string m_message;
+};
+
+}  // namespace rankwise
