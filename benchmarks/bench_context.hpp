@@ -44,9 +44,19 @@ inline std::string compiler() {
 inline std::string simd() {
 #if defined(__AVX512F__)
   return "AVX-512 (" + std::string(Eigen::SimdInstructionSetsInUse()) + ")";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "AVX2 + FMA (" + std::string(Eigen::SimdInstructionSetsInUse()) + ")";
 #else
   return Eigen::SimdInstructionSetsInUse();
 #endif
+}
+
+/// The first three fields of /proc/loadavg (1, 5 and 15 minutes): how busy the machine was.
+inline std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  std::string a, b, c;
+  in >> a >> b >> c;
+  return a + " " + b + " " + c;
 }
 
 inline std::string backend() {

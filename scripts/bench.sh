@@ -263,7 +263,7 @@ for p in lora_layer bench_adapters bench_allocator; do
   run "$p" "$out/$p.json" -- "$bin/$p" "${args[@]}" --benchmark_out="$out/$p.json" --benchmark_out_format=json
 done
 if [ $quick = 1 ]; then
-  run toy_transformer -- "$bin/toy_transformer" --steps 1 --threads-list 1
+  run toy_transformer -- "$bin/toy_transformer" --rounds 1 --threads-list 1
   run io_bandwidth -- "$bin/io_bandwidth" --quick "$out"
 else
   run toy_transformer -- "$bin/toy_transformer"

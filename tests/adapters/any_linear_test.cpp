@@ -8,6 +8,7 @@
 #include <rankwise/rank/module.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
+#include "support/borrowing.hpp"
 #include "support/matchers.hpp"
 
 #include <catch2/catch.hpp>
@@ -117,6 +118,35 @@ TEST_CASE("AnyLinear: each kind behaves as the layer it holds, gradients include
     slot.set_training(false);
     CHECK_FALSE(slot.is_training());
   }
+}
+
+TEST_CASE("AnyLinear: forward_borrowed and backward_parameters_only match forward and backward for every kind",
+          "[adapters][any_linear]") {
+  Random context_rng(4);
+  const auto context = context_for<float>(8, 6, context_rng);
+  const std::vector<AdapterSpec> specs = {
+      {"linear", {}}, {"lora", rankwise::LoRAOptions{.rank = 2, .alpha = 4.0}},  // their own lean calls
+      {"dylora", rankwise::DyLoRAOptions{.max_rank = 3, .frozen = false}}, {"vera", {}}, {"red", {}}};  // fallbacks
+  for (const AdapterSpec& spec : specs) {
+    Random rng_a(5), rng_b(5);  // two identical slots
+    AnyLinear<float> plain = rankwise::make_linear(Linear<float>(8, 6, rng_a), spec, rng_a, context);
+    AnyLinear<float> lean = rankwise::make_linear(Linear<float>(8, 6, rng_b), spec, rng_b, context);
+    randomize_trainable(plain, rng_a);
+    randomize_trainable(lean, rng_b);
+    const Matrix<float> x = random_matrix<float>(8, 5, rng_a), dy = random_matrix<float>(6, 5, rng_a);
+    Matrix<float> y1, y2, dx;
+    plain.forward(x, y1);
+    plain.backward(dy, dx);
+    lean.forward_borrowed(x, y2);
+    lean.backward_parameters_only(dy);
+    INFO(spec.name);
+    CHECK(y1 == y2);
+    const auto p1 = plain.parameters(), p2 = lean.parameters();
+    REQUIRE(p1.size() == p2.size());
+    for (std::size_t i = 0; i < p1.size(); ++i)
+      if (p1[i]->trainable) CHECK(p1[i]->grad == p2[i]->grad);
+  }
+  static_assert(!rankwise::test_support::BorrowsTemporaries<AnyLinear<float>>);
 }
 
 TEST_CASE("AnyLinear: merge, and the exact plain-LoRA export, through the interface", "[adapters][any_linear]") {

@@ -3,6 +3,7 @@
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
+#include "support/borrowing.hpp"
 #include "support/matchers.hpp"
 
 #include <catch2/catch.hpp>
@@ -133,6 +134,70 @@ TEST_CASE("LoRA: backward matches finite differences", "[adapters][lora][gradche
     INFO(result.worst);
     CHECK(result.max_error < 1e-7);
   }
+}
+
+TEST_CASE("LoRA: an adapter that borrows its input (shared by q, k, v in a model) matches finite differences",
+          "[adapters][lora][gradcheck]") {
+  Random rng(17);
+  const Matrix<double> x = random_matrix<double>(6, 4, rng);
+  SECTION("with gates") {
+    LoRA<double> lora(Linear<double>(6, 5, rng), {.rank = 4, .alpha = 4.0}, rng);
+    randomize_adapter(lora, rng);
+    lora.set_gate(2, 0.5);
+    rankwise::test_support::Borrowing<LoRA<double>> borrowing(lora);
+    const auto result = rankwise::testing::check_gradients(borrowing, x, rng);
+    INFO(result.worst);
+    CHECK(result.max_error < 1e-7);
+    CHECK(result.entries.size() == 3);
+  }
+  SECTION("with dropout (the masked input is kept instead)") {
+    LoRA<double> lora(Linear<double>(6, 5, rng), {.rank = 3, .alpha = 6.0, .dropout = 0.4}, rng);
+    randomize_adapter(lora, rng);
+    const Random::Snapshot mask_stream = lora.dropout_generator().snapshot();
+    rankwise::testing::GradientCheckOptions options;
+    options.before_forward = [&] { lora.dropout_generator().restore(mask_stream); };
+    rankwise::test_support::Borrowing<LoRA<double>> borrowing(lora);
+    const auto result = rankwise::testing::check_gradients(borrowing, x, rng, options);
+    INFO(result.worst);
+    CHECK(result.max_error < 1e-7);
+  }
+}
+
+TEST_CASE("LoRA: forward_borrowed and backward_parameters_only compute exactly what forward and backward do",
+          "[adapters][lora]") {
+  Random rng(18);
+  for (const double dropout : {0.0, 0.3}) {
+    LoRA<float> copying(Linear<float>(9, 7, rng), {.rank = 3, .alpha = 6.0, .dropout = dropout}, rng);
+    randomize_adapter(copying, rng);
+    copying.set_gate(1, 0.25);
+    LoRA<float> borrowing = copying, lean = copying;  // same weights, same dropout stream
+    const Matrix<float> x = random_matrix<float>(9, 5, rng), dy = random_matrix<float>(7, 5, rng);
+    Matrix<float> y1, y2, y3, dx1, dx2;
+    copying.forward(x, y1);
+    copying.backward(dy, dx1);
+    borrowing.forward_borrowed(x, y2);
+    borrowing.backward(dy, dx2);
+    lean.forward_borrowed(x, y3);
+    lean.backward_parameters_only(dy);
+    INFO("dropout " << dropout);
+    CHECK(y1 == y2);
+    CHECK(y1 == y3);
+    CHECK(dx1 == dx2);
+    for (LoRA<float>* other : {&borrowing, &lean}) {
+      CHECK(other->A_parameter().grad == copying.A_parameter().grad);
+      CHECK(other->B_parameter().grad == copying.B_parameter().grad);
+    }
+    CHECK_FALSE(copying.A_parameter().grad.isZero(0.0f));
+  }
+  // A borrowed input that changed shape before backward() is caught; temporaries are not accepted.
+  LoRA<float> lora(Linear<float>(4, 3, rng), {.rank = 2}, rng);
+  Matrix<float> x = random_matrix<float>(4, 6, rng), y, dx;
+  lora.forward_borrowed(x, y);
+  x.resize(4, 1);
+  CHECK_THROWS_WITH(lora.backward(Matrix<float>::Zero(3, 6), dx),
+                    Catch::Contains("[rankwise::LoRA]") && Catch::Contains("changed shape"));
+  CHECK_THROWS_AS(lora.backward_parameters_only(Matrix<float>::Zero(3, 2)), rankwise::InvalidArgument);
+  static_assert(!rankwise::test_support::BorrowsTemporaries<LoRA<float>>);
 }
 
 TEST_CASE("LoRA: dropout acts on the adapter branch only, and only while training", "[adapters][lora]") {

@@ -138,35 +138,41 @@ TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allo
 }
 
 TEST_CASE("ToyTransformer + LoRA: a training step after the first does not allocate", "[alloc][models][toy_transformer]") {
-  Random rng(4);
-  rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
-                                        rng);
-  rankwise::InjectionOptions injection;
-  injection.all_linear = true;
-  injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0, .dropout = 0.1};
-  rankwise::inject_adapters(model, injection, rng);
-  std::vector<rankwise::Parameter<float>*> params = model.parameters();
-  rankwise::AdamW<float> opt(params, {});
-  rankwise::CrossEntropy<float> ce;
-  std::vector<std::int32_t> tokens(32), targets(32);
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    tokens[i] = std::int32_t(rng.uniform_int(0, 31));
-    targets[i] = i % 4 == 0 ? rankwise::ignore_index : std::int32_t(rng.uniform_int(0, 31));
+  // LoRA with dropout (copied inputs), LoRA without (borrowed inputs, the first block's input gradient
+  // skipped), and full fine-tuning (trainable Linear slots and embeddings).
+  for (const int setup : {0, 1, 2}) {
+    Random rng(4);
+    rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
+                                          rng);
+    if (setup < 2) {
+      rankwise::InjectionOptions injection;
+      injection.all_linear = true;
+      injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0, .dropout = setup == 0 ? 0.1 : 0.0};
+      rankwise::inject_adapters(model, injection, rng);
+    }
+    std::vector<rankwise::Parameter<float>*> params = model.parameters();
+    rankwise::AdamW<float> opt(params, {});
+    rankwise::CrossEntropy<float> ce;
+    std::vector<std::int32_t> tokens(32), targets(32);
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      tokens[i] = std::int32_t(rng.uniform_int(0, 31));
+      targets[i] = i % 4 == 0 ? rankwise::ignore_index : std::int32_t(rng.uniform_int(0, 31));
+    }
+    Matrix<float> logits, dlogits;
+    const auto step = [&] {
+      model.zero_grad();
+      model.forward(tokens, 8, logits);
+      ce.forward(logits, targets);
+      ce.backward(dlogits);
+      model.backward(dlogits);
+      rankwise::clip_grad_norm(params, 1.0);
+      opt.step();
+    };
+    step();
+    rankwise::test_support::start_counting_allocations();
+    for (int i = 0; i < 3; ++i) step();
+    const auto count = rankwise::test_support::stop_counting_allocations();
+    INFO("setup " << setup << ": " << count.calls << " allocations, " << count.bytes << " bytes");
+    CHECK(count.calls == 0);
   }
-  Matrix<float> logits, dlogits;
-  const auto step = [&] {
-    model.zero_grad();
-    model.forward(tokens, 8, logits);
-    ce.forward(logits, targets);
-    ce.backward(dlogits);
-    model.backward(dlogits);
-    rankwise::clip_grad_norm(params, 1.0);
-    opt.step();
-  };
-  step();
-  rankwise::test_support::start_counting_allocations();
-  for (int i = 0; i < 3; ++i) step();
-  const auto count = rankwise::test_support::stop_counting_allocations();
-  INFO(count.calls << " allocations, " << count.bytes << " bytes");
-  CHECK(count.calls == 0);
 }

@@ -25,11 +25,20 @@ namespace {
 class StackedAttention {
  public:
   using Scalar = double;
-  StackedAttention(Index d, Index heads, Index seq_len) : m_attention(d, heads), m_d(d), m_seq_len(seq_len) {}
+  // borrow: q, k, v are copied into buffers of this object, which forward_borrowed() keeps references to.
+  StackedAttention(Index d, Index heads, Index seq_len, bool borrow = false)
+      : m_attention(d, heads), m_d(d), m_seq_len(seq_len), m_borrow(borrow) {}
   Index in_features() const { return 3 * m_d; }
   Index out_features() const { return m_d; }
   void forward(const rankwise::ConstRef<double>& x, Matrix<double>& y) {
-    m_attention.forward(x.topRows(m_d), x.middleRows(m_d, m_d), x.bottomRows(m_d), m_seq_len, y);
+    if (!m_borrow) {
+      m_attention.forward(x.topRows(m_d), x.middleRows(m_d, m_d), x.bottomRows(m_d), m_seq_len, y);
+      return;
+    }
+    m_q = x.topRows(m_d);
+    m_k = x.middleRows(m_d, m_d);
+    m_v = x.bottomRows(m_d);
+    m_attention.forward_borrowed(m_q, m_k, m_v, m_seq_len, y);
   }
   void backward(const rankwise::ConstRef<double>& dy, Matrix<double>& dx) {
     Matrix<double> dq, dk, dv;
@@ -45,6 +54,8 @@ class StackedAttention {
 
  private:
   Index m_d, m_seq_len;
+  bool m_borrow;
+  Matrix<double> m_q, m_k, m_v;
 };
 static_assert(rankwise::Layer<StackedAttention>);
 }  // namespace
@@ -126,6 +137,42 @@ TEST_CASE("CausalSelfAttention: causal, normalised, and matches finite differenc
   Matrix<double> o;
   CHECK_THROWS_WITH(core.forward(x.topRows(d), x.middleRows(d, d), x.bottomRows(d), 3, o),
                     Catch::Contains("multiple of seq_len"));
+}
+
+TEST_CASE("CausalSelfAttention: forward_borrowed keeps references and computes exactly what forward does",
+          "[layers][attention][gradcheck]") {
+  Random rng(14);
+  const Index d = 8, heads = 2, T = 4, batches = 3;
+  StackedAttention copying(d, heads, T), borrowing(d, heads, T, true);
+  const Matrix<double> x = random_matrix<double>(3 * d, batches * T, rng), dy = random_matrix<double>(d, batches * T, rng);
+  Matrix<double> y1, y2, dx1, dx2;
+  copying.forward(x, y1);
+  copying.backward(dy, dx1);
+  borrowing.forward(x, y2);
+  borrowing.backward(dy, dx2);
+  CHECK(y1 == y2);
+  CHECK(dx1 == dx2);
+  const auto result = rankwise::testing::check_gradients(borrowing, x, rng);
+  INFO(result.worst);
+  CHECK(result.max_error < 1e-7);
+  // A borrowed input that changed shape before backward() is caught.
+  rankwise::CausalSelfAttention<double> core(d, heads);
+  Matrix<double> q = x.topRows(d), k = x.middleRows(d, d), v = x.bottomRows(d), o, dq, dk, dv;
+  core.forward_borrowed(q, k, v, T, o);
+  v.resize(d, T);
+  CHECK_THROWS_WITH(core.backward(dy, dq, dk, dv), Catch::Contains("changed shape"));
+}
+
+TEST_CASE("GELU: the derivative kept by a training forward gives the same outputs as evaluation", "[layers][gelu]") {
+  Random rng(15);
+  rankwise::GELU<float> gelu(5);
+  const Matrix<float> x = random_matrix<float>(5, 9, rng) * 3.0f;
+  Matrix<float> y_train, y_eval, dx;
+  gelu.forward(x, y_train);
+  gelu.set_training(false);
+  gelu.forward(x, y_eval);
+  CHECK_THAT(y_train, is_close_to(y_eval, 1e-6, 1e-7));
+  CHECK_THROWS_AS(gelu.backward(x, dx), rankwise::StateError);  // evaluation keeps nothing
 }
 
 TEST_CASE("CrossEntropy: loss and gradient, with ignored positions and soft targets", "[layers][cross_entropy][gradcheck]") {

@@ -2,6 +2,7 @@
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
+#include "support/borrowing.hpp"
 #include "support/matchers.hpp"
 
 #include <catch2/catch.hpp>
@@ -166,4 +167,35 @@ TEST_CASE("Linear: frozen weights keep no gradient storage; unfreezing works, fl
   layer.weight_parameter().trainable = true;  // bypassing set_trainable(): no gradient storage yet
   layer.forward(x, y);
   CHECK_THROWS_WITH(layer.backward(dy, dx), Catch::Contains("call zero_grad()"));
+}
+
+TEST_CASE("Linear: forward_borrowed keeps a reference to the input and computes exactly what forward does",
+          "[layers][linear][gradcheck]") {
+  Random rng(9);
+  Linear<double> layer(6, 4, rng);
+  rankwise::test_support::Borrowing<Linear<double>> borrowing(layer);
+  const auto result = rankwise::testing::check_gradients(borrowing, random_matrix<double>(6, 5, rng), rng);
+  INFO(result.worst);
+  CHECK(result.max_error < 1e-7);
+  CHECK(result.entries.size() == 3);
+
+  // Same outputs and gradients as the copying forward(), bit for bit.
+  Linear<float> copying(7, 5, rng), borrowing_layer = copying;
+  const Matrix<float> x = random_matrix<float>(7, 6, rng), dy = random_matrix<float>(5, 6, rng);
+  Matrix<float> y1, y2, dx1, dx2;
+  copying.forward(x, y1);
+  copying.backward(dy, dx1);
+  borrowing_layer.forward_borrowed(x, y2);
+  borrowing_layer.backward(dy, dx2);
+  CHECK(y1 == y2);
+  CHECK(dx1 == dx2);
+  CHECK(copying.weight_parameter().grad == borrowing_layer.weight_parameter().grad);
+  CHECK(copying.bias_parameter().grad == borrowing_layer.bias_parameter().grad);
+
+  // A borrowed input that changed shape before backward() is caught; temporaries are not accepted.
+  Matrix<float> shrinking = x;
+  borrowing_layer.forward_borrowed(shrinking, y2);
+  shrinking.resize(7, 2);
+  CHECK_THROWS_AS(borrowing_layer.backward(dy, dx2), rankwise::StateError);
+  static_assert(!rankwise::test_support::BorrowsTemporaries<Linear<float>>);
 }

@@ -111,6 +111,51 @@ TEST_CASE("ToyTransformer: gradients stay right with adapters injected", "[model
   }
 }
 
+TEST_CASE("ToyTransformer: under frozen embeddings the first block skips its input gradient, nothing else changes",
+          "[models][toy_transformer]") {
+  // Two identical LoRA models; in the second the embeddings learn, so its first block computes the
+  // input gradient in full. Every adapter gradient must agree bit for bit.
+  const auto build = [](bool embeddings_learn) {
+    Random rng(6);
+    ToyTransformer<double> model(kTiny, rng);
+    InjectionOptions options;
+    options.all_linear = true;
+    options.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
+    rankwise::inject_adapters(model, options, rng);
+    randomize_trainable(model, rng);
+    for (rankwise::Parameter<double>* p : model.parameters())
+      if (p->name.rfind("embed_", 0) == 0) {
+        p->trainable = embeddings_learn;
+        p->zero_grad();
+      }
+    return model;
+  };
+  ToyTransformer<double> lean = build(false), complete = build(true);
+  Random rng(7);
+  const Data d = tiny_data(rng, 2, 4, 11);
+  for (ToyTransformer<double>* model : {&lean, &complete}) {
+    Matrix<double> logits, dlogits;
+    model->forward(d.tokens, 4, logits);
+    rankwise::CrossEntropy<double> ce;
+    ce.forward(logits, d.targets);
+    ce.backward(dlogits);
+    model->zero_grad();
+    model->backward(dlogits);
+  }
+  const auto a = lean.parameters(), b = complete.parameters();
+  REQUIRE(a.size() == b.size());
+  Index adapters = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!a[i]->trainable) continue;
+    INFO(a[i]->name);
+    CHECK(a[i]->grad == b[i]->grad);
+    ++adapters;
+  }
+  CHECK(adapters == 2 * 6 * kTiny.layers);  // lora_A and lora_B of every projection
+  for (rankwise::Parameter<double>* p : b)
+    if (p->name.rfind("embed_", 0) == 0) CHECK_FALSE(p->grad.isZero(0.0));  // the full path did run
+}
+
 TEST_CASE("inject_adapters: each pattern kind selects exactly the intended modules", "[models][injection]") {
   Random rng(3);
   ToyTransformer<float> model({.vocab = 16, .d_model = 8, .heads = 2, .layers = 3, .d_ff = 8, .max_seq_len = 4}, rng);

@@ -5,6 +5,8 @@
 /// created it. adapters/factory.hpp builds one from a name and options.
 ///
 ///   Layer       forward, backward, parameters, zero_grad, set_training, in/out_features, set_path
+///   lean calls  forward_borrowed (keep a reference to the input, not a copy), backward_parameters_only
+///               (no dx); layers without them run forward / backward (into a scratch dx) instead
 ///   adapter     kind(), trainable_parameter_count(), merge()/unmerge() where the layer can be merged,
 ///               lora_factors() where the update is exactly a plain LoRA, shared_parameters()
 ///   rank        rank_control(): the RankControl of a rank-adjustable adapter (LoRA), else nullptr
@@ -104,6 +106,13 @@ class AnyLinear {
   Index out_features() const { return impl().out_features(); }
   void forward(const ConstRef<Scalar>& x, MatrixType& y) { impl().forward(x, y); }
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) { impl().backward(dy, dx); }
+  /// forward() that lets the layer keep a reference to x instead of a copy, where the layer supports
+  /// it (Linear, LoRA): x must stay alive and unchanged until backward(). Other layers copy as usual.
+  void forward_borrowed(const MatrixType& x, MatrixType& y) { impl().forward_borrowed(x, y); }
+  void forward_borrowed(const MatrixType&&, MatrixType&) = delete;  // a temporary would dangle
+  /// backward() without dx, where the layer supports it (Linear, LoRA); other layers compute dx into
+  /// a scratch buffer of the slot.
+  void backward_parameters_only(const ConstRef<Scalar>& dy) { impl().backward_parameters_only(dy); }
   std::vector<Parameter<Scalar>*> parameters() { return impl().parameters(); }
   void set_training(bool training) { impl().set_training(training); }
   bool is_training() const { return impl().is_training(); }
@@ -162,6 +171,8 @@ class AnyLinear {
     virtual Index out_features() const = 0;
     virtual void forward(const ConstRef<Scalar>& x, MatrixType& y) = 0;
     virtual void backward(const ConstRef<Scalar>& dy, MatrixType& dx) = 0;
+    virtual void forward_borrowed(const MatrixType& x, MatrixType& y) = 0;
+    virtual void backward_parameters_only(const ConstRef<Scalar>& dy) = 0;
     virtual std::vector<Parameter<Scalar>*> parameters() = 0;
     virtual void set_training(bool training) = 0;
     virtual bool is_training() const = 0;
@@ -187,6 +198,18 @@ class AnyLinear {
     Index out_features() const override { return value.out_features(); }
     void forward(const ConstRef<Scalar>& x, MatrixType& y) override { value.forward(x, y); }
     void backward(const ConstRef<Scalar>& dy, MatrixType& dx) override { value.backward(dy, dx); }
+    void forward_borrowed(const MatrixType& x, MatrixType& y) override {
+      if constexpr (requires { value.forward_borrowed(x, y); })
+        value.forward_borrowed(x, y);
+      else
+        value.forward(x, y);
+    }
+    void backward_parameters_only(const ConstRef<Scalar>& dy) override {
+      if constexpr (requires { value.backward_parameters_only(dy); })
+        value.backward_parameters_only(dy);
+      else
+        value.backward(dy, scratch_dx);
+    }
     std::vector<Parameter<Scalar>*> parameters() override { return value.parameters(); }
     void set_training(bool training) override { value.set_training(training); }
     bool is_training() const override { return value.is_training(); }
@@ -235,6 +258,7 @@ class AnyLinear {
 
     T value;
     detail::RankFacet<T> facet{value};
+    MatrixType scratch_dx;  // dx of backward_parameters_only() for layers without one
   };
 
   [[noreturn]] static void not_mergeable(const std::string& kind, const char* what) {

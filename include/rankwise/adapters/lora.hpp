@@ -177,54 +177,35 @@ class LoRA {
   }
 
   // --- the Layer contract ----------------------------------------------------------------------
-  /// y = W x + b + s B diag(g) A drop(x). In training mode caches what backward() needs.
-  void forward(const ConstRef<Scalar>& x, MatrixType& y) {
-    if (x.rows() != in_features())
-      detail::fail("rankwise::LoRA", "forward: input must have in_features = ", in_features(), " rows (got ",
-                   x.rows(), " x ", x.cols(), ")");
-    m_base.forward(x, y);
-    m_cached_cols = m_training ? x.cols() : -1;
-    if (!branch_active()) return;
-    const bool drop = m_training && m_options.dropout > 0.0;
-    if (drop) {
-      draw_mask(x.rows(), x.cols());
-      m_x.array() = x.array() * m_mask.array();
-    } else if (m_training) {
-      m_x = x;
-    }
-    if (drop || m_training)
-      m_u.noalias() = m_A.value * m_x;
-    else
-      m_u.noalias() = m_A.value * x;
-    if (!m_unit_gates) m_u.array().colwise() *= m_gates.array();
-    y.noalias() += Scalar(scale()) * (m_B.value * m_u);
-  }
+  /// y = W x + b + s B diag(g) A drop(x). In training mode caches what backward() needs (a copy of x).
+  void forward(const ConstRef<Scalar>& x, MatrixType& y) { forward_impl(x, y, nullptr); }
+
+  /// Like forward(), but without dropout the adapter keeps a reference to x instead of a copy: x must
+  /// stay alive and unchanged until backward() (a model's activation buffer, which q, k and v may
+  /// share). With dropout the masked input is kept as in forward().
+  void forward_borrowed(const MatrixType& x, MatrixType& y) { forward_impl(x, y, &x); }
+  void forward_borrowed(const MatrixType&&, MatrixType&) = delete;  // a temporary would dangle
 
   /// Requires forward() in training mode on the same batch, and an unmerged adapter.
   /// Accumulates dA, dB (base frozen); assigns dx.
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
-    if (m_cached_cols < 0)
-      detail::fail<StateError>("rankwise::LoRA", "backward() needs a forward() in training mode first");
-    if (m_merge.is_merged())
-      detail::fail<StateError>("rankwise::LoRA", "backward() on a merged adapter; unmerge() first");
-    if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
-      detail::fail("rankwise::LoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
-                   " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
+    check_backward(dy);
     m_base.backward(dy, dx);
     if (!branch_active()) return;
-    const Scalar s = Scalar(scale());
-    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
-    // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
-    m_t.noalias() = m_B.value.transpose() * dy;
-    m_t *= s;
-    if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
-    if (m_A.wants_grad()) m_A.grad.noalias() += m_t * m_x.transpose();
+    branch_parameter_gradients(dy);
     if (m_training && m_options.dropout > 0.0) {
       m_dx_branch.noalias() = m_A.value.transpose() * m_t;
       dx.array() += m_dx_branch.array() * m_mask.array();
     } else {
       dx.noalias() += m_A.value.transpose() * m_t;
     }
+  }
+
+  /// Like backward() without dx: accumulates dA and dB only, for a caller that needs no input
+  /// gradient (the first layer of a model whose embeddings are frozen). Skips the base's W^T dy.
+  void backward_parameters_only(const ConstRef<Scalar>& dy) {
+    check_backward(dy);
+    if (branch_active()) branch_parameter_gradients(dy);
   }
 
   /// The frozen base parameters (flagged non-trainable), then lora_A and lora_B.
@@ -354,6 +335,58 @@ class LoRA {
  private:
   bool branch_active() const { return m_enabled && !m_merge.is_merged() && rank() > 0; }
 
+  void forward_impl(const ConstRef<Scalar>& x, MatrixType& y, const MatrixType* borrow) {
+    if (x.rows() != in_features())
+      detail::fail("rankwise::LoRA", "forward: input must have in_features = ", in_features(), " rows (got ",
+                   x.rows(), " x ", x.cols(), ")");
+    m_base.forward(x, y);
+    m_cached_cols = m_training ? x.cols() : -1;
+    m_borrowed_x = nullptr;
+    if (!branch_active()) return;
+    const bool drop = m_training && m_options.dropout > 0.0;
+    if (drop) {
+      draw_mask(x.rows(), x.cols());
+      m_x.array() = x.array() * m_mask.array();
+    } else if (m_training && borrow) {
+      m_borrowed_x = borrow;
+      m_x.resize(0, 0);
+    } else if (m_training) {
+      m_x = x;
+    }
+    if (drop || (m_training && !borrow))
+      m_u.noalias() = m_A.value * m_x;
+    else
+      m_u.noalias() = m_A.value * x;
+    if (!m_unit_gates) m_u.array().colwise() *= m_gates.array();
+    y.noalias() += Scalar(scale()) * (m_B.value * m_u);
+  }
+
+  void check_backward(const ConstRef<Scalar>& dy) const {
+    if (m_cached_cols < 0)
+      detail::fail<StateError>("rankwise::LoRA", "backward() needs a forward() in training mode first");
+    if (m_merge.is_merged())
+      detail::fail<StateError>("rankwise::LoRA", "backward() on a merged adapter; unmerge() first");
+    if (dy.rows() != out_features() || dy.cols() != m_cached_cols)
+      detail::fail("rankwise::LoRA", "backward: dy must be ", out_features(), " x ", m_cached_cols,
+                   " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
+  }
+
+  /// dB += s dy u^T, t = diag(g) s B^T dy, dA += t x^T (x: the branch's input of the forward).
+  void branch_parameter_gradients(const ConstRef<Scalar>& dy) {
+    const Scalar s = Scalar(scale());
+    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
+    // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
+    m_t.noalias() = m_B.value.transpose() * dy;
+    m_t *= s;
+    if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
+    if (m_A.wants_grad()) {
+      const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
+      if (x.cols() != dy.cols() || x.rows() != in_features())
+        detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
+      m_A.grad.noalias() += m_t * x.transpose();
+    }
+  }
+
   template <typename Derived>
   void init_rows_of_A(const Eigen::MatrixBase<Derived>& rows, Random& rng) const {
     if (m_options.init == LoRAInit::Gaussian)
@@ -399,6 +432,7 @@ class LoRA {
   Random m_dropout_rng;
   // Buffers reused across steps, so a steady-state step does not allocate.
   MatrixType m_x;          // input of the adapter branch (after dropout), in x n
+  const MatrixType* m_borrowed_x = nullptr;  // or the caller's input, after forward_borrowed()
   MatrixType m_mask;       // dropout mask scaled by 1/(1-p), in x n
   MatrixType m_u;          // diag(g) A x, r x n
   MatrixType m_t;          // diag(g) s B^T dy, r x n

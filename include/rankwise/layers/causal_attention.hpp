@@ -10,8 +10,8 @@
 ///   backward: dV_h = dO_h P^T, dP = V_h^T dO_h, dS_:i = P_:i ⊙ (dP_:i - P_:i . dP_:i) / sqrt(dh),
 ///             dQ_h = K_h dS, dK_h = Q_h dS^T
 ///   shapes  q, k, v, o: d x (batch * seq_len), the tokens of one sequence in consecutive columns
-/// No parameters. Keeps P (seq_len x seq_len per sequence and head) for backward.
-/// Docs: docs/layers/attention.md
+/// No parameters. Keeps P (seq_len x seq_len per sequence and head) for backward, and copies of q, k, v
+/// (forward) or references to the caller's q, k, v (forward_borrowed). Docs: docs/layers/attention.md
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
@@ -39,8 +39,76 @@ class CausalSelfAttention {
   void set_training(bool training) { m_training = training; }
   bool is_training() const { return m_training; }
 
-  /// o = attention(q, k, v) over sequences of seq_len consecutive columns.
+  /// o = attention(q, k, v) over sequences of seq_len consecutive columns. In training mode keeps copies
+  /// of q, k and v for backward().
   void forward(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v, Index seq_len,
+               MatrixType& o) {
+    compute(q, k, v, seq_len, o);
+    m_borrowed = {};
+    if (m_training) {
+      m_q = q;
+      m_k = k;
+      m_v = v;
+    }
+  }
+
+  /// Like forward(), but keeps references to q, k and v instead of copies: they must stay alive and
+  /// unchanged until backward() (a model's activation buffers).
+  void forward_borrowed(const MatrixType& q, const MatrixType& k, const MatrixType& v, Index seq_len,
+                        MatrixType& o) {
+    compute(q, k, v, seq_len, o);
+    m_borrowed = {&q, &k, &v};
+    if (m_training) {  // release the copies a forward() may have made
+      m_q.resize(0, 0);
+      m_k.resize(0, 0);
+      m_v.resize(0, 0);
+    }
+  }
+  void forward_borrowed(const MatrixType&&, const MatrixType&, const MatrixType&, Index, MatrixType&) = delete;
+  void forward_borrowed(const MatrixType&, const MatrixType&&, const MatrixType&, Index, MatrixType&) = delete;
+  void forward_borrowed(const MatrixType&, const MatrixType&, const MatrixType&&, Index, MatrixType&) = delete;
+
+  /// Gradients of q, k and v (assigned) from the gradient of the output.
+  void backward(const ConstRef<Scalar>& dout, MatrixType& dq, MatrixType& dk, MatrixType& dv) {
+    if (m_seq_len < 0)
+      detail::fail<StateError>("rankwise::CausalSelfAttention", "backward() needs a forward() in training mode first");
+    const MatrixType& q = m_borrowed.q ? *m_borrowed.q : m_q;
+    const MatrixType& k = m_borrowed.k ? *m_borrowed.k : m_k;
+    const MatrixType& v = m_borrowed.v ? *m_borrowed.v : m_v;
+    if (q.cols() != m_cols || k.cols() != m_cols || v.cols() != m_cols || q.rows() != m_d || k.rows() != m_d ||
+        v.rows() != m_d)
+      detail::fail<StateError>("rankwise::CausalSelfAttention", "backward: the borrowed q, k or v changed shape");
+    if (dout.rows() != m_d || dout.cols() != m_cols)
+      detail::fail("rankwise::CausalSelfAttention", "backward: dout must be ", m_d, " x ", m_cols, " (got ",
+                   dout.rows(), " x ", dout.cols(), ")");
+    const Index n = m_cols, T = m_seq_len, dh = head_dim(), batches = n / T;
+    const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
+    dq.resize(m_d, n);
+    dk.resize(m_d, n);
+    dv.resize(m_d, n);
+    m_dS.resize(T, T);
+    for (Index b = 0; b < batches; ++b)
+      for (Index h = 0; h < m_heads; ++h) {
+        const auto P = m_P.middleCols((b * m_heads + h) * T, T);
+        const auto dO = dout.block(h * dh, b * T, dh, T);
+        dv.block(h * dh, b * T, dh, T).noalias() = dO * P.transpose();
+        m_dS.noalias() = v.block(h * dh, b * T, dh, T).transpose() * dO;  // dP
+        for (Index i = 0; i < T; ++i) {
+          auto col = m_dS.col(i);
+          const Scalar dot = P.col(i).head(i + 1).dot(col.head(i + 1));
+          col.head(i + 1) = (P.col(i).head(i + 1).array() * (col.head(i + 1).array() - dot)) * scale;
+          col.tail(T - i - 1).setZero();
+        }
+        dq.block(h * dh, b * T, dh, T).noalias() = k.block(h * dh, b * T, dh, T) * m_dS;
+        dk.block(h * dh, b * T, dh, T).noalias() = q.block(h * dh, b * T, dh, T) * m_dS.transpose();
+      }
+  }
+
+  /// The attention weights of the last forward: column i of block (b, h) is query i's distribution.
+  const MatrixType& probabilities() const { return m_P; }
+
+ private:
+  void compute(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v, Index seq_len,
                MatrixType& o) {
     check_inputs(q, k, v, seq_len);
     const Index n = q.cols(), T = seq_len, dh = head_dim(), batches = n / T;
@@ -61,47 +129,9 @@ class CausalSelfAttention {
         o.block(h * dh, b * T, dh, T).noalias() = v.block(h * dh, b * T, dh, T) * P;
       }
     m_seq_len = m_training ? T : -1;
-    if (m_training) {
-      m_q = q;
-      m_k = k;
-      m_v = v;
-    }
+    m_cols = n;
   }
 
-  /// Gradients of q, k and v (assigned) from the gradient of the output.
-  void backward(const ConstRef<Scalar>& dout, MatrixType& dq, MatrixType& dk, MatrixType& dv) {
-    if (m_seq_len < 0)
-      detail::fail<StateError>("rankwise::CausalSelfAttention", "backward() needs a forward() in training mode first");
-    if (dout.rows() != m_d || dout.cols() != m_q.cols())
-      detail::fail("rankwise::CausalSelfAttention", "backward: dout must be ", m_d, " x ", m_q.cols(), " (got ",
-                   dout.rows(), " x ", dout.cols(), ")");
-    const Index n = m_q.cols(), T = m_seq_len, dh = head_dim(), batches = n / T;
-    const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
-    dq.resize(m_d, n);
-    dk.resize(m_d, n);
-    dv.resize(m_d, n);
-    m_dS.resize(T, T);
-    for (Index b = 0; b < batches; ++b)
-      for (Index h = 0; h < m_heads; ++h) {
-        const auto P = m_P.middleCols((b * m_heads + h) * T, T);
-        const auto dO = dout.block(h * dh, b * T, dh, T);
-        dv.block(h * dh, b * T, dh, T).noalias() = dO * P.transpose();
-        m_dS.noalias() = m_v.block(h * dh, b * T, dh, T).transpose() * dO;  // dP
-        for (Index i = 0; i < T; ++i) {
-          auto col = m_dS.col(i);
-          const Scalar dot = P.col(i).head(i + 1).dot(col.head(i + 1));
-          col.head(i + 1) = (P.col(i).head(i + 1).array() * (col.head(i + 1).array() - dot)) * scale;
-          col.tail(T - i - 1).setZero();
-        }
-        dq.block(h * dh, b * T, dh, T).noalias() = m_k.block(h * dh, b * T, dh, T) * m_dS;
-        dk.block(h * dh, b * T, dh, T).noalias() = m_q.block(h * dh, b * T, dh, T) * m_dS.transpose();
-      }
-  }
-
-  /// The attention weights of the last forward: column i of block (b, h) is query i's distribution.
-  const MatrixType& probabilities() const { return m_P; }
-
- private:
   void check_inputs(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v,
                     Index seq_len) const {
     if (q.rows() != m_d || k.rows() != m_d || v.rows() != m_d || k.cols() != q.cols() || v.cols() != q.cols())
@@ -116,7 +146,13 @@ class CausalSelfAttention {
   Index m_heads;
   bool m_training = true;
   Index m_seq_len = -1;
-  MatrixType m_P, m_dS, m_q, m_k, m_v;
+  Index m_cols = 0;
+  MatrixType m_P, m_dS, m_q, m_k, m_v;  // m_q, m_k, m_v: copies made by forward()
+  struct Borrowed {
+    const MatrixType* q = nullptr;
+    const MatrixType* k = nullptr;
+    const MatrixType* v = nullptr;
+  } m_borrowed;  // the caller's q, k, v after forward_borrowed()
 };
 
 }  // namespace rankwise

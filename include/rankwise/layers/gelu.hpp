@@ -3,7 +3,9 @@
 /// GELU activation (Hendrycks & Gimpel, 2016, arXiv:1606.08415), exact form as PyTorch's nn.GELU():
 ///   y = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
 ///   dy/dx = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-/// Elementwise, any shape; no parameters. Docs: docs/layers/activations.md
+/// Elementwise, any shape; no parameters. In training mode forward() keeps dy/dx (not x), computed
+/// while Phi(x) is at hand, so that backward() is one product and the caller may reuse x's buffer.
+/// Docs: docs/layers/activations.md
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/layer.hpp>
@@ -37,24 +39,26 @@ class GELU {
       detail::fail("rankwise::GELU", "forward: input must have ", m_features, " rows (got ", x.rows(), ")");
     y.resize(x.rows(), x.cols());
     const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
-    y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);
-    if (m_training)
-      m_x = x;
-    else
-      m_x.resize(0, 0);
     m_cached = m_training;
+    if (!m_training) {
+      y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);
+      m_dydx.resize(0, 0);
+      return;
+    }
+    const Scalar inv_sqrt2pi = Scalar(1.0 / std::sqrt(2.0 * std::numbers::pi));
+    m_dydx.resize(x.rows(), x.cols());
+    m_dydx.array() = (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);  // Phi(x)
+    y.array() = x.array() * m_dydx.array();
+    m_dydx.array() += x.array() * (x.array().square() * Scalar(-0.5)).exp() * inv_sqrt2pi;
   }
 
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     if (!m_cached) detail::fail<StateError>("rankwise::GELU", "backward() needs a forward() in training mode first");
-    if (dy.rows() != m_x.rows() || dy.cols() != m_x.cols())
-      detail::fail("rankwise::GELU", "backward: dy must be ", m_x.rows(), " x ", m_x.cols(), " (got ", dy.rows(),
-                   " x ", dy.cols(), ")");
-    const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
-    const Scalar inv_sqrt2pi = Scalar(1.0 / std::sqrt(2.0 * std::numbers::pi));
+    if (dy.rows() != m_dydx.rows() || dy.cols() != m_dydx.cols())
+      detail::fail("rankwise::GELU", "backward: dy must be ", m_dydx.rows(), " x ", m_dydx.cols(), " (got ",
+                   dy.rows(), " x ", dy.cols(), ")");
     dx.resize(dy.rows(), dy.cols());
-    dx.array() = dy.array() * ((Scalar(1) + (m_x.array() * inv_sqrt2).erf()) * Scalar(0.5) +
-                               m_x.array() * (m_x.array().square() * Scalar(-0.5)).exp() * inv_sqrt2pi);
+    dx.array() = dy.array() * m_dydx.array();
   }
 
   std::vector<Parameter<Scalar>*> parameters() { return {}; }
@@ -64,7 +68,7 @@ class GELU {
   Index m_features;
   bool m_training = true;
   bool m_cached = false;
-  MatrixType m_x;
+  MatrixType m_dydx;  // dy/dx at the input of the last training forward
 };
 
 }  // namespace rankwise

@@ -5,7 +5,8 @@
 ///   shapes  x: in x n, W: out x in ("weight"), b: out ("bias", optional), y: out x n
 ///   init    W, b ~ U(-1/sqrt(in), 1/sqrt(in))  (PyTorch's kaiming_uniform(a = sqrt(5)))
 ///   grads   dW += dy x^T, db += rowsum(dy) (only when trainable), dx = W^T dy
-/// A frozen layer keeps no copy of its input: its backward needs only W.
+/// A frozen layer keeps no copy of its input: its backward needs only W. forward_borrowed(x, y) keeps a
+/// reference to the caller's x instead of a copy (x must outlive backward(), unchanged).
 /// Docs: docs/layers/linear.md
 
 #include <rankwise/core/error.hpp>
@@ -71,7 +72,10 @@ class Linear {
   void set_trainable(bool trainable) {
     m_weight.trainable = trainable;
     m_bias.trainable = trainable && m_has_bias;
-    if (!trainable) m_x.resize(0, 0);
+    if (!trainable) {
+      m_x.resize(0, 0);
+      m_borrowed_x = nullptr;
+    }
     zero_grad();
   }
 
@@ -92,16 +96,23 @@ class Linear {
 
   /// y = W x + b. In training mode a trainable layer keeps a copy of x for backward().
   void forward(const ConstRef<Scalar>& x, MatrixType& y) {
-    check_input("forward", x);
-    y.noalias() = m_weight.value * x;
-    if (m_has_bias) y.colwise() += m_bias.value.col(0);
-    if (m_training) {
-      if (m_weight.trainable) m_x = x;
-      m_cached_cols = x.cols();
-    } else {
-      m_cached_cols = -1;
+    compute(x, y);
+    if (m_training && m_weight.trainable) {
+      m_x = x;
+      m_borrowed_x = nullptr;
     }
   }
+
+  /// Like forward(), but a trainable layer keeps a reference to x instead of a copy: x must stay alive
+  /// and unchanged until backward() (a model's own activation buffer). Saves one copy of the input.
+  void forward_borrowed(const MatrixType& x, MatrixType& y) {
+    compute(x, y);
+    if (m_training && m_weight.trainable) {
+      m_borrowed_x = &x;
+      m_x.resize(0, 0);
+    }
+  }
+  void forward_borrowed(const MatrixType&&, MatrixType&) = delete;  // a temporary would dangle
 
   /// Requires forward() in training mode on the same batch. Accumulates dW, db; assigns dx = W^T dy.
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
@@ -113,9 +124,11 @@ class Linear {
   void backward_parameters_only(const ConstRef<Scalar>& dy) {
     check_backward(dy);
     if (m_weight.wants_grad()) {
-      if (m_x.cols() != dy.cols())
-        detail::fail<StateError>("rankwise::Linear", "backward: the layer was made trainable after its forward()");
-      m_weight.grad.noalias() += dy * m_x.transpose();
+      const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
+      if (x.cols() != dy.cols() || x.rows() != in_features())
+        detail::fail<StateError>("rankwise::Linear", "backward: the input of forward() is gone (the layer was made "
+                                 "trainable after its forward(), or a borrowed input changed shape)");
+      m_weight.grad.noalias() += dy * x.transpose();
     }
     if (m_has_bias && m_bias.wants_grad()) m_bias.grad.col(0) += dy.rowwise().sum();
   }
@@ -182,6 +195,13 @@ class Linear {
     zero_grad();
   }
 
+  void compute(const ConstRef<Scalar>& x, MatrixType& y) {
+    check_input("forward", x);
+    y.noalias() = m_weight.value * x;
+    if (m_has_bias) y.colwise() += m_bias.value.col(0);
+    m_cached_cols = m_training ? x.cols() : -1;
+  }
+
   void check_input(const char* what, const ConstRef<Scalar>& x) const {
     if (x.rows() != in_features())
       detail::fail("rankwise::Linear", what, ": input must have in_features = ", in_features(),
@@ -201,6 +221,7 @@ class Linear {
   bool m_has_bias = false;
   bool m_training = true;
   MatrixType m_x;            // input of the last training forward (trainable layers only)
+  const MatrixType* m_borrowed_x = nullptr;  // or the caller's input, after forward_borrowed()
   Index m_cached_cols = -1;  // batch size of the last training forward; -1: none
 };
 

@@ -13,7 +13,11 @@
 ///           other tensors: embed_tokens, embed_positions, layers.{i}.attn_norm, layers.{i}.mlp_norm, norm
 ///   init    Linear: U(+-1/sqrt(in)) (PyTorch); embeddings N(0, 0.02^2) (GPT-2); LayerNorm 1 and 0
 /// Buffers live in the model and are reused, so a training step allocates nothing after the first one
-/// with the same batch shape. Docs: docs/models/toy-transformer.md
+/// with the same batch shape. Memory: each block keeps the activations its backward needs once (the
+/// slots, the attention core and GELU borrow the block's buffers instead of copying their inputs);
+/// buffers needed only inside one block's forward or backward are shared by all blocks. When the
+/// embeddings are frozen, the first block's backward skips the input gradient nobody needs.
+/// Docs: docs/models/toy-transformer.md
 
 #include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/core/error.hpp>
@@ -29,6 +33,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <span>
 #include <string>
 #include <utility>
@@ -118,7 +123,7 @@ class ToyTransformer {
     m_embed_tokens.forward(tokens, m_x);  // checks every id against the vocabulary
     m_embed_positions.forward(m_positions, m_pos);
     m_x += m_pos;
-    for (Block& block : m_blocks) block.forward(m_x, seq_len);
+    for (Block& block : m_blocks) block.forward(m_x, seq_len, m_scratch);
     m_norm.forward(m_x, m_normed);
     m_lm_head.forward(m_normed, logits);
   }
@@ -127,7 +132,10 @@ class ToyTransformer {
   void backward(const ConstRef<Scalar>& dlogits) {
     m_lm_head.backward(dlogits, m_d_normed);
     m_norm.backward(m_d_normed, m_dx);
-    for (auto it = m_blocks.rbegin(); it != m_blocks.rend(); ++it) it->backward(m_dx);
+    // dL/d(input of the first block) feeds only the embeddings: not needed when they are frozen.
+    const bool embeddings_learn = m_embed_tokens.weight().trainable || m_embed_positions.weight().trainable;
+    for (auto it = m_blocks.rbegin(); it != m_blocks.rend(); ++it)
+      it->backward(m_dx, m_scratch, embeddings_learn || std::next(it) != m_blocks.rend());
     m_embed_tokens.backward(m_dx);
     m_embed_positions.backward(m_dx);
   }
@@ -199,6 +207,12 @@ class ToyTransformer {
   }
 
  private:
+  // Buffers used only inside one block's forward or backward, shared by all blocks.
+  struct Scratch {
+    MatrixType o, u;                                // forward: projection outputs
+    MatrixType dg, du, dn, dtmp, da, dq, dk, dv;    // backward: gradients between the pieces
+  };
+
   struct Block {
     Block(const ToyTransformerConfig& c, Random& rng)
         : attn_norm(c.d_model),
@@ -212,36 +226,47 @@ class ToyTransformer {
           gelu(c.d_ff),
           down_proj(Linear<Scalar>(c.d_ff, c.d_model, rng)) {}
 
-    void forward(MatrixType& x, Index seq_len) {  // x is updated in place: x <- block(x)
+    // x is updated in place: x <- block(x). The slots and the attention core borrow n1, q, k, v, a, n2
+    // and g (kept until backward); the projection outputs o and u are scratch.
+    void forward(MatrixType& x, Index seq_len, Scratch& s) {
       attn_norm.forward(x, n1);
-      q_proj.forward(n1, q);
-      k_proj.forward(n1, k);
-      v_proj.forward(n1, v);
-      attention.forward(q, k, v, seq_len, a);
-      o_proj.forward(a, o);
-      x += o;  // h
+      q_proj.forward_borrowed(n1, q);
+      k_proj.forward_borrowed(n1, k);
+      v_proj.forward_borrowed(n1, v);
+      attention.forward_borrowed(q, k, v, seq_len, a);
+      o_proj.forward_borrowed(a, s.o);
+      x += s.o;  // h
       mlp_norm.forward(x, n2);
-      up_proj.forward(n2, u);
-      gelu.forward(u, g);
-      down_proj.forward(g, o);
-      x += o;
+      up_proj.forward_borrowed(n2, s.u);
+      gelu.forward(s.u, g);  // GELU keeps its derivative, not u
+      down_proj.forward_borrowed(g, s.o);
+      x += s.o;
     }
 
-    void backward(MatrixType& dx) {  // dx: dL/d(block output) in, dL/d(block input) out
-      down_proj.backward(dx, dg);
-      gelu.backward(dg, du);
-      up_proj.backward(du, dn);
-      mlp_norm.backward(dn, dtmp);
-      dx += dtmp;  // dL/dh
-      o_proj.backward(dx, da);
-      attention.backward(da, dq, dk, dv);
-      q_proj.backward(dq, dn);
-      k_proj.backward(dk, dtmp);
-      dn += dtmp;
-      v_proj.backward(dv, dtmp);
-      dn += dtmp;
-      attn_norm.backward(dn, dtmp);
-      dx += dtmp;
+    // dx: dL/d(block output) in, dL/d(block input) out. Without input_grad (the first block under
+    // frozen embeddings) and with a frozen attn_norm, the q/k/v input gradients and attn_norm's
+    // backward are skipped and dx is left at dL/dh.
+    void backward(MatrixType& dx, Scratch& s, bool input_grad) {
+      down_proj.backward(dx, s.dg);
+      gelu.backward(s.dg, s.du);
+      up_proj.backward(s.du, s.dn);
+      mlp_norm.backward(s.dn, s.dtmp);
+      dx += s.dtmp;  // dL/dh
+      o_proj.backward(dx, s.da);
+      attention.backward(s.da, s.dq, s.dk, s.dv);
+      if (!input_grad && !attn_norm.gamma().trainable && !attn_norm.beta().trainable) {
+        q_proj.backward_parameters_only(s.dq);
+        k_proj.backward_parameters_only(s.dk);
+        v_proj.backward_parameters_only(s.dv);
+        return;
+      }
+      q_proj.backward(s.dq, s.dn);
+      k_proj.backward(s.dk, s.dtmp);
+      s.dn += s.dtmp;
+      v_proj.backward(s.dv, s.dtmp);
+      s.dn += s.dtmp;
+      attn_norm.backward(s.dn, s.dtmp);
+      dx += s.dtmp;
     }
 
     std::vector<Parameter<Scalar>*> parameters() {
@@ -286,9 +311,8 @@ class ToyTransformer {
     Slot up_proj;
     GELU<Scalar> gelu;
     Slot down_proj;
-    // Activations and gradients passed between the pieces, reused across steps.
-    MatrixType n1, q, k, v, a, o, n2, u, g;
-    MatrixType dg, du, dn, dtmp, da, dq, dk, dv;
+    // Activations kept from forward to backward, reused across steps.
+    MatrixType n1, q, k, v, a, n2, g;
   };
 
   static const ToyTransformerConfig& checked(const ToyTransformerConfig& c) {
@@ -345,6 +369,7 @@ class ToyTransformer {
   bool m_training = true;
   std::vector<std::int32_t> m_positions;
   MatrixType m_x, m_pos, m_normed, m_d_normed, m_dx;
+  Scratch m_scratch;
 };
 
 }  // namespace rankwise
