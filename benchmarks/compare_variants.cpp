@@ -373,6 +373,9 @@ int main(int argc, char** argv) {
   app.add_option("--steps", s.steps, "fine-tuning steps per run")->capture_default_str();
   app.add_option("--pretrain-steps", s.pretrain_steps, "pre-training steps of the base")->capture_default_str();
   app.add_option("--rank", s.rank, "rank r of the budget")->capture_default_str();
+  app.add_option("--d-model", s.d_model, "model width (4 heads, d_ff = 4 d_model)")->capture_default_str();
+  app.add_option("--layers", s.layers, "transformer blocks")->capture_default_str();
+  app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
   app.add_option("--tasks", s.tasks, "tasks, separated by commas: relabel, sort, add, teacher")->capture_default_str();
   app.add_option("--methods", s.methods, "methods to run (default: all)");
   app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences per evaluation")->capture_default_str();
