@@ -20,7 +20,9 @@
 //
 // Output: a Markdown table per task on stdout and in <out>/summary.md; per task the CSV files of
 // benchmarks/variant_results.hpp in <out>/<task>/ (plots: benchmarks/plot_variants.py <out>/<task>).
-// Run: build/benchmarks/compare_variants [--quick] [--seeds 3] [--out DIR]   (docs/benchmarks.md)
+// Units of work (a task and a seed: every method) run on --jobs threads at once, one Eigen thread each
+// by default. Run: build/benchmarks/compare_variants [--quick] [--seeds 3] [--jobs 2] [--out DIR]
+// (docs/benchmarks.md)
 #include <rankwise/rankwise.hpp>
 
 #include "bench_context.hpp"
@@ -29,12 +31,15 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -49,14 +54,15 @@ using Clock = std::chrono::steady_clock;
 struct Settings {
   bool quick = false;
   int seeds = 3;
-  long steps = 400;
+  long steps = 300;
   long pretrain_steps = 1500;
   Index rank = 8;
-  Index d_model = 128;
+  Index d_model = 64;
   Index layers = 4;
   Index batch = 32;
   Index eval_sequences = 512;
-  int threads = 2;
+  int threads = 1;  // per job
+  int jobs = 2;     // runs of different seeds or tasks at once, each on its own thread
   std::string tasks = "relabel,sort,teacher";
   std::string methods;  // empty: all
   std::string out = "compare_variants_output";
@@ -194,8 +200,10 @@ struct TaskResults {
   std::string allocation;  // teacher: allocations against the truth
 };
 
-TaskResults run_task(const std::string& task_name, Model& base, const rankwise::TaskOptions& task_options,
-                     const std::vector<Method>& methods, const Settings& s, Teacher* teacher) {
+// Every method on one task with one seed (a unit of work: units run concurrently on --jobs threads, so
+// everything a unit changes is its own; the base is only read).
+TaskResults run_unit(const std::string& task_name, Model& base, const rankwise::TaskOptions& task_options,
+                     const std::vector<Method>& methods, const Settings& s, Teacher* teacher, int seed) {
   TaskResults results;
   const bool distill = teacher != nullptr;
   const rankwise::TaskKind kind = distill ? rankwise::TaskKind::Mixture : rankwise::task_kind_from_name(task_name);
@@ -203,7 +211,7 @@ TaskResults run_task(const std::string& task_name, Model& base, const rankwise::
   Random timing_rng(0x71E);
   const rankwise::TokenBatch timing_batch = task.sample(s.batch, timing_rng);
   for (const Method& method : methods) {
-    for (int seed = 1; seed <= s.seeds; ++seed) {
+    {
       Random init_rng(1);
       Model model(base.config(), init_rng);
       model.copy_parameters_from(base);
@@ -279,8 +287,9 @@ TaskResults run_task(const std::string& task_name, Model& base, const rankwise::
         }
       }
       const rankwise::bench::VariantRun& shown = results.runs.back();
-      std::printf("  %-12s seed %d  %7.2f ms/step  loss %.4f  %s %.4f\n", shown.method.c_str(), seed, ms_per_step,
-                  shown.final_loss, distill ? "KL" : "accuracy", distill ? shown.teacher_kl : shown.accuracy);
+      std::printf("  %-8s %-12s seed %d  %7.2f ms/step  loss %.4f  %s %.4f\n", task_name.c_str(),
+                  shown.method.c_str(), seed, ms_per_step, shown.final_loss, distill ? "KL" : "accuracy",
+                  distill ? shown.teacher_kl : shown.accuracy);
       std::fflush(stdout);
     }
   }
@@ -299,6 +308,8 @@ int run(Settings s) {
     s.eval_sequences = std::min<Index>(s.eval_sequences, 32);
   }
   if (s.seeds < 1) rankwise::detail::fail("compare_variants", "--seeds must be >= 1 (got ", s.seeds, ")");
+  if (s.jobs < 1) rankwise::detail::fail("compare_variants", "--jobs must be >= 1 (got ", s.jobs, ")");
+  if (s.threads < 1) rankwise::detail::fail("compare_variants", "--threads must be >= 1 (got ", s.threads, ")");
   rankwise::bench::set_threads(s.threads);
   const std::vector<Method> methods = all_methods(s);
   const std::vector<std::string> tasks = split(s.tasks);
@@ -329,31 +340,94 @@ int run(Settings s) {
   std::printf("base: %s in %.1f s (%s)\n", base.loaded ? "loaded" : "pre-trained", seconds_since(start),
               base_dir.c_str());
 
-  std::string summary = "# Variant comparison\n\n";
-  for (const std::string& task_name : tasks) {
-    std::printf("\n== task %s\n", task_name.c_str());
-    std::unique_ptr<Teacher> teacher;
-    if (task_name == "teacher") {
-      teacher = std::make_unique<Teacher>(make_teacher(base.model, task_options, s));
-      std::printf("  teacher: planted ranks");
-      for (const rankwise::ModuleRank& m : teacher->planted->truth())
-        if (m.rank > 0) std::printf(" %s=%ld", m.path.c_str(), long(m.rank));
-      std::printf("; KL(teacher || base) %.4f nats/token%s\n", teacher->calibration.total_kl,
-                  teacher->calibration.status == rankwise::Status::Ok ? "" : " (calibration: not every target met)");
+  // Units of work: every (task, seed), run on --jobs threads. Each teacher-task unit builds its own
+  // teacher (the same one: fixed seeds, deterministic), since a model's forward uses its own buffers.
+  struct Unit {
+    std::size_t task;
+    int seed;
+    TaskResults results;
+  };
+  std::vector<Unit> units;
+  for (std::size_t t = 0; t < tasks.size(); ++t)
+    for (int seed = 1; seed <= s.seeds; ++seed) units.push_back({t, seed, {}});
+  std::vector<std::string> teacher_lines(tasks.size());
+  std::atomic<std::size_t> next{0};
+  std::vector<std::exception_ptr> errors(std::size_t(s.jobs));
+  const auto worker = [&](std::size_t job) {
+    try {
+      for (std::size_t i = next++; i < units.size(); i = next++) {
+        Unit& u = units[i];
+        const std::string& task_name = tasks[u.task];
+        std::unique_ptr<Teacher> teacher;
+        if (task_name == "teacher") {
+          teacher = std::make_unique<Teacher>(make_teacher(base.model, task_options, s));
+          std::string line = "teacher: planted ranks";
+          for (const rankwise::ModuleRank& m : teacher->planted->truth())
+            if (m.rank > 0) line += " " + m.path + "=" + std::to_string(m.rank);
+          char kl[128];
+          std::snprintf(kl, sizeof kl, "; KL(teacher || base) %.4f nats/token%s", teacher->calibration.total_kl,
+                        teacher->calibration.status == rankwise::Status::Ok ? "" : " (calibration: not every target met)");
+          if (u.seed == 1) teacher_lines[u.task] = line + kl;
+        }
+        std::printf("  %s seed %d: started\n", task_name.c_str(), u.seed);
+        std::fflush(stdout);
+        u.results = run_unit(task_name, base.model, task_options, methods, s, teacher.get(), u.seed);
+      }
+    } catch (...) {
+      errors[job] = std::current_exception();
+      next = units.size();  // the other jobs stop after their current unit
     }
-    const auto task_start = Clock::now();
-    TaskResults r = run_task(task_name, base.model, task_options, methods, s, teacher.get());
+  };
+  std::printf("%zu runs of every method (%zu tasks x %d seeds) on %d job(s) of %d thread(s)\n", units.size(),
+              tasks.size(), s.seeds, s.jobs, s.threads);
+  std::fflush(stdout);
+  const auto runs_start = Clock::now();
+  {
+    std::vector<std::thread> pool;
+    for (int j = 1; j < s.jobs; ++j) pool.emplace_back(worker, std::size_t(j));
+    worker(0);
+    for (std::thread& t : pool) t.join();
+  }
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+  std::printf("all runs in %.0f s\n", seconds_since(runs_start));
+
+  std::string summary = "# Variant comparison\n\n";
+  for (std::size_t t = 0; t < tasks.size(); ++t) {
+    const std::string& task_name = tasks[t];
+    const bool distill = task_name == "teacher";
+    TaskResults r;
+    std::vector<std::string> allocation_lines;
+    for (Unit& u : units) {
+      if (u.task != t) continue;
+      r.runs.insert(r.runs.end(), u.results.runs.begin(), u.results.runs.end());
+      r.ranks.insert(r.ranks.end(), u.results.ranks.begin(), u.results.ranks.end());
+      std::stringstream lines(u.results.allocation);
+      for (std::string line; std::getline(lines, line);) allocation_lines.push_back(line + "\n");
+    }
+    // Method by method (in the order of the list), seed by seed.
+    const auto method_order = [&](const std::string& name) {
+      for (std::size_t m = 0; m < r.runs.size(); ++m)
+        if (r.runs[m].method == name) return m;
+      return r.runs.size();
+    };
+    std::stable_sort(r.runs.begin(), r.runs.end(), [&](const auto& a, const auto& b) {
+      return method_order(a.method) < method_order(b.method);
+    });
+    std::sort(allocation_lines.begin(), allocation_lines.end());
+    for (const std::string& line : allocation_lines) r.allocation += line;
     rankwise::bench::write_variant_results(out / task_name, r.runs, r.ranks);
     const std::vector<rankwise::bench::VariantSummary> summaries = rankwise::bench::summarize(r.runs);
-    std::string section = "## " + task_name + (teacher ? " (teacher KL, nats per scored token; lower is better)"
+    std::string section = "## " + task_name + (distill ? " (teacher KL, nats per scored token; lower is better)"
                                                        : " (exact-match accuracy; higher is better)") + "\n\n";
+    if (!teacher_lines[t].empty()) section += teacher_lines[t] + "\n\n";
     section += rankwise::bench::markdown_table(summaries, {.min_max = true});
     if (!r.allocation.empty())
       section += "\nAllocations against the planted ranks (total rank allocated; share of it on planted modules; "
                  "Spearman correlation of allocated and planted rank over the modules):\n\n"
                  "| method | seed | total rank | share on planted | Spearman |\n|---|---|---|---|---|\n" +
                  r.allocation;
-    std::printf("\n%s\n(%.0f s)\n", section.c_str(), seconds_since(task_start));
+    std::printf("\n%s\n", section.c_str());
     summary += section + "\n";
   }
   rankwise::write_file_atomically(out / "summary.md", summary);
@@ -379,7 +453,10 @@ int main(int argc, char** argv) {
   app.add_option("--tasks", s.tasks, "tasks, separated by commas: relabel, sort, add, teacher")->capture_default_str();
   app.add_option("--methods", s.methods, "methods to run (default: all)");
   app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences per evaluation")->capture_default_str();
-  app.add_option("--threads", s.threads, "threads for the matrix products")->capture_default_str();
+  app.add_option("--threads", s.threads, "threads for the matrix products, per job")->capture_default_str();
+  app.add_option("--jobs", s.jobs,
+                 "runs at once (each task and seed is one unit of work); jobs x threads should not exceed the cores")
+      ->capture_default_str();
   app.add_option("--out", s.out, "directory for the results")->capture_default_str();
   app.add_option("--base", s.base, "base checkpoint directory (default: <out>/base-cache/...)");
   CLI11_PARSE(app, argc, argv);
