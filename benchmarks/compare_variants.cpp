@@ -347,9 +347,13 @@ int run(Settings s) {
     int seed;
     TaskResults results;
   };
+  // The teacher's units first: they are the longest (a teacher forward per step), and starting them
+  // early keeps both jobs busy to the end.
   std::vector<Unit> units;
-  for (std::size_t t = 0; t < tasks.size(); ++t)
-    for (int seed = 1; seed <= s.seeds; ++seed) units.push_back({t, seed, {}});
+  for (int pass = 0; pass < 2; ++pass)
+    for (std::size_t t = 0; t < tasks.size(); ++t)
+      if ((tasks[t] == "teacher") == (pass == 0))
+        for (int seed = 1; seed <= s.seeds; ++seed) units.push_back({t, seed, {}});
   std::vector<std::string> teacher_lines(tasks.size());
   std::atomic<std::size_t> next{0};
   std::vector<std::exception_ptr> errors(std::size_t(s.jobs));
