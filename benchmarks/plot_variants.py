@@ -22,7 +22,9 @@ extra columns are ignored. An empty cell means "not measured".
                    round (round 0: the initial allocation); module order is the file's order
 
 Output:
-  loss_curves.png               training loss against step, one line per method: the mean over
+  loss_curves.png               training loss against step, one line per method (methods with the
+                                same curve share a line; moving average over --smooth points; log scale
+                                when every value is positive): the mean over
                                 seeds, and a band for the spread over seeds
   accuracy_vs_params.png        accuracy (and teacher_kl_vs_params.png: teacher KL) against trainable
                                 parameters, log-scale x, one marker per method with error bars over
@@ -214,22 +216,48 @@ def spread_label(mode):
     return "min to max over seeds" if mode == "minmax" else "mean \u00b1 1 sample sd over seeds"
 
 
-def plot_losses(plt, curves, mode, out_dir, written):
-    fig, ax = plt.subplots(figsize=(8, 5))
+def moving_average(values, window):
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(plt, curves, mode, out_dir, written, smooth=1):
+    # Methods with the very same curves (DyLoRA evaluated at several ranks after one run) are drawn once.
+    groups = []  # (label, curve)
     for method in curves:
-        points = sorted((s, v) for s, v in curves[method].items() if v)
+        for i, (label, curve) in enumerate(groups):
+            if curve == curves[method]:
+                groups[i] = (f"{label}, {method}", curve)
+                break
+        else:
+            groups.append((method, curves[method]))
+    colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    everything_positive = True
+    for i, (label, curve) in enumerate(groups):
+        points = sorted((s, v) for s, v in curve.items() if v)
         if not points:
             continue
         steps = [s for s, _ in points]
         stats = [spread(v, mode) for _, v in points]
-        line, = ax.plot(steps, [m for m, _, _ in stats], label=method, linewidth=1.5)
-        ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=line.get_color(),
-                        alpha=0.2, linewidth=0)
+        mean, lo, hi = (moving_average([x[k] for x in stats], smooth) for k in range(3))
+        everything_positive = everything_positive and min(lo) > 0
+        line, = ax.plot(steps, mean, label=label, linewidth=1.5, color=colours(i % colours.N),
+                        linestyle="-" if i % 2 == 0 else "--")
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    if everything_positive:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss" + (f" (moving average of {smooth} points)" if smooth > 1 else ""))
     ax.set_title(f"Training loss: mean over seeds (band: {spread_label(mode)})")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     save(fig, out_dir, "loss_curves.png", written)
     plt.close(fig)
 
@@ -290,7 +318,12 @@ def main(argv):
     parser.add_argument("--out", help="directory for the PNG files (default: RESULTS_DIR)")
     parser.add_argument("--spread", choices=("minmax", "sd"), default="minmax",
                         help="what bands and error bars span (default: minmax)")
+    parser.add_argument("--smooth", type=int, default=10,
+                        help="loss curves: trailing moving average over this many logged points (default: 10; 1: none)")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        print(f"plot_variants: error: --smooth must be >= 1 (got {args.smooth})", file=sys.stderr)
+        return 2
 
     base = args.results_dir
     if base is None and not (args.runs and args.losses and args.out):
@@ -316,7 +349,7 @@ def main(argv):
     plt = import_pyplot()
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    plot_losses(plt, curves, args.spread, out_dir, written)
+    plot_losses(plt, curves, args.spread, out_dir, written, args.smooth)
     for metric in metrics:
         plot_metric(plt, runs, metric, args.spread, out_dir, written)
     plot_ranks(plt, grids, out_dir, written)
