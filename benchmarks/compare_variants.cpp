@@ -194,6 +194,17 @@ Teacher make_teacher(Model& base, const rankwise::TaskOptions& task_options, con
   return t;
 }
 
+// One line for the report: the planted ranks and how far the teacher sits from the base.
+std::string describe(const Teacher& t) {
+  std::string line = "teacher: planted ranks";
+  for (const rankwise::ModuleRank& m : t.planted->truth())
+    if (m.rank > 0) line += " " + m.path + "=" + std::to_string(m.rank);
+  char kl[128];
+  std::snprintf(kl, sizeof kl, "; KL(teacher || base) %.4f nats/token%s", t.calibration.total_kl,
+                t.calibration.status == rankwise::Status::Ok ? "" : " (calibration: not every target met)");
+  return line + kl;
+}
+
 struct TaskResults {
   std::vector<rankwise::bench::VariantRun> runs;
   std::vector<rankwise::bench::RankRecord> ranks;
@@ -211,87 +222,85 @@ TaskResults run_unit(const std::string& task_name, Model& base, const rankwise::
   Random timing_rng(0x71E);
   const rankwise::TokenBatch timing_batch = task.sample(s.batch, timing_rng);
   for (const Method& method : methods) {
-    {
-      Random init_rng(1);
-      Model model(base.config(), init_rng);
-      model.copy_parameters_from(base);
-      rankwise::FinetuneRecipe recipe = method.recipe;
-      recipe.seed = std::uint64_t(seed);
-      Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
-      const rankwise::TokenBatch validation = task.sample(s.batch, validation_rng);
-      std::shared_ptr<rankwise::TrainingLoss<float>> loss;
-      if (distill) loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher->planted->model());
-      rankwise::Finetuner<float> tuner(model, recipe, validation, loss);
-      Random data_rng(std::uint64_t(seed) * 104729 + 3);
-      const auto start = Clock::now();
-      for (long step = 0; step < recipe.steps; ++step) tuner.step(task.sample(s.batch, data_rng));
-      const double ms_per_step = 1e3 * seconds_since(start) / double(recipe.steps);
-      const rankwise::Status status = tuner.finish();
-      if (status != rankwise::Status::Ok)
-        std::printf("  note: %s seed %d: %s\n", method.name.c_str(), seed, tuner.report().message.c_str());
+    Random init_rng(1);
+    Model model(base.config(), init_rng);
+    model.copy_parameters_from(base);
+    rankwise::FinetuneRecipe recipe = method.recipe;
+    recipe.seed = std::uint64_t(seed);
+    Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
+    const rankwise::TokenBatch validation = task.sample(s.batch, validation_rng);
+    std::shared_ptr<rankwise::TrainingLoss<float>> loss;
+    if (distill) loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher->planted->model());
+    rankwise::Finetuner<float> tuner(model, recipe, validation, loss);
+    Random data_rng(std::uint64_t(seed) * 104729 + 3);
+    const auto start = Clock::now();
+    for (long step = 0; step < recipe.steps; ++step) tuner.step(task.sample(s.batch, data_rng));
+    const double ms_per_step = 1e3 * seconds_since(start) / double(recipe.steps);
+    const rankwise::Status status = tuner.finish();
+    if (status != rankwise::Status::Ok)
+      std::printf("  note: %s seed %d: %s\n", method.name.c_str(), seed, tuner.report().message.c_str());
 
-      rankwise::bench::VariantRun run;
-      run.seed = std::uint64_t(seed);
-      run.steps = recipe.steps;
-      run.trainable_parameters = tuner.report().parameters.trainable;
-      run.adapter_bytes = adapter_bytes(tuner);
-      run.ms_per_step = ms_per_step;
-      run.final_loss = tail_mean(tuner.losses());
-      run.losses = tuner.losses();
-      const auto score = [&](rankwise::bench::VariantRun& r) {
-        if (distill)
-          r.teacher_kl = rankwise::evaluate_distillation(model, teacher->held_out).mean_kl();
-        else
-          r.accuracy = rankwise::evaluate_model(model, task, s.eval_sequences, s.batch).accuracy;
-        r.merged_ms = merged_forward_ms(model, timing_batch);
-      };
-      if (method.eval_ranks.empty()) {
-        run.method = method.name;
-        score(run);
-        results.runs.push_back(run);
-      } else {
-        // DyLoRA: the same trained adapters, truncated to each rank b (b (in + out) parameters each).
-        const auto modules = tuner.adapters<rankwise::DyLoRA<float>>();
-        for (Index b : method.eval_ranks) {
-          rankwise::bench::VariantRun at = run;
-          at.method = method.name + "@" + std::to_string(b);
-          at.trainable_parameters = 0;
-          for (const auto& m : modules) {
-            m.adapter->set_active_rank(b);
-            at.trainable_parameters += b * (m.adapter->in_features() + m.adapter->out_features());
-          }
-          at.adapter_bytes = Index(sizeof(float)) * at.trainable_parameters;
-          score(at);
-          results.runs.push_back(at);
+    rankwise::bench::VariantRun run;
+    run.seed = std::uint64_t(seed);
+    run.steps = recipe.steps;
+    run.trainable_parameters = tuner.report().parameters.trainable;
+    run.adapter_bytes = adapter_bytes(tuner);
+    run.ms_per_step = ms_per_step;
+    run.final_loss = tail_mean(tuner.losses());
+    run.losses = tuner.losses();
+    const auto score = [&](rankwise::bench::VariantRun& r) {
+      if (distill)
+        r.teacher_kl = rankwise::evaluate_distillation(model, teacher->held_out).mean_kl();
+      else
+        r.accuracy = rankwise::evaluate_model(model, task, s.eval_sequences, s.batch).accuracy;
+      r.merged_ms = merged_forward_ms(model, timing_batch);
+    };
+    if (method.eval_ranks.empty()) {
+      run.method = method.name;
+      score(run);
+      results.runs.push_back(run);
+    } else {
+      // DyLoRA: the same trained adapters, truncated to each rank b (b (in + out) parameters each).
+      const auto modules = tuner.adapters<rankwise::DyLoRA<float>>();
+      for (Index b : method.eval_ranks) {
+        rankwise::bench::VariantRun at = run;
+        at.method = method.name + "@" + std::to_string(b);
+        at.trainable_parameters = 0;
+        for (const auto& m : modules) {
+          m.adapter->set_active_rank(b);
+          at.trainable_parameters += b * (m.adapter->in_features() + m.adapter->out_features());
         }
+        at.adapter_bytes = Index(sizeof(float)) * at.trainable_parameters;
+        score(at);
+        results.runs.push_back(at);
       }
-      if (const rankwise::RankAllocator<float>* allocator = tuner.allocator()) {
-        const auto& modules = tuner.injection().modules;
-        for (std::size_t i = 0; i < modules.size(); ++i)
-          results.ranks.push_back({method.name, std::uint64_t(seed), 0, modules[i].path, recipe.rank});
-        Index round = 0;
-        for (const rankwise::AllocationEvent& e : allocator->events()) {
-          if (e.status != rankwise::Status::Ok || e.ranks_after.size() != modules.size()) continue;
-          ++round;
-          for (std::size_t i = 0; i < modules.size(); ++i)
-            results.ranks.push_back({method.name, std::uint64_t(seed), round, modules[i].path, e.ranks_after[i]});
-        }
-        if (distill) {
-          const rankwise::AllocationComparison c =
-              rankwise::compare_allocation(teacher->planted->truth(), allocator->rank_pattern());
-          char line[256];
-          std::snprintf(line, sizeof line, "| %s | %d | %ld | %.3f | %s |\n", method.name.c_str(), seed,
-                        long(c.allocated_total), c.share_on_planted(),
-                        c.spearman ? std::to_string(*c.spearman).c_str() : "n/a");
-          results.allocation += line;
-        }
-      }
-      const rankwise::bench::VariantRun& shown = results.runs.back();
-      std::printf("  %-8s %-12s seed %d  %7.2f ms/step  loss %.4f  %s %.4f\n", task_name.c_str(),
-                  shown.method.c_str(), seed, ms_per_step, shown.final_loss, distill ? "KL" : "accuracy",
-                  distill ? shown.teacher_kl : shown.accuracy);
-      std::fflush(stdout);
     }
+    if (const rankwise::RankAllocator<float>* allocator = tuner.allocator()) {
+      const auto& modules = tuner.injection().modules;
+      for (std::size_t i = 0; i < modules.size(); ++i)
+        results.ranks.push_back({method.name, std::uint64_t(seed), 0, modules[i].path, recipe.rank});
+      Index round = 0;
+      for (const rankwise::AllocationEvent& e : allocator->events()) {
+        if (e.status != rankwise::Status::Ok || e.ranks_after.size() != modules.size()) continue;
+        ++round;
+        for (std::size_t i = 0; i < modules.size(); ++i)
+          results.ranks.push_back({method.name, std::uint64_t(seed), round, modules[i].path, e.ranks_after[i]});
+      }
+      if (distill) {
+        const rankwise::AllocationComparison c =
+            rankwise::compare_allocation(teacher->planted->truth(), allocator->rank_pattern());
+        char line[256];
+        std::snprintf(line, sizeof line, "| %s | %d | %ld | %.3f | %s |\n", method.name.c_str(), seed,
+                      long(c.allocated_total), c.share_on_planted(),
+                      c.spearman ? std::to_string(*c.spearman).c_str() : "n/a");
+        results.allocation += line;
+      }
+    }
+    const rankwise::bench::VariantRun& shown = results.runs.back();
+    std::printf("  %-8s %-12s seed %d  %7.2f ms/step  loss %.4f  %s %.4f\n", task_name.c_str(),
+                shown.method.c_str(), seed, ms_per_step, shown.final_loss, distill ? "KL" : "accuracy",
+                distill ? shown.teacher_kl : shown.accuracy);
+    std::fflush(stdout);
   }
   return results;
 }
@@ -365,13 +374,7 @@ int run(Settings s) {
         std::unique_ptr<Teacher> teacher;
         if (task_name == "teacher") {
           teacher = std::make_unique<Teacher>(make_teacher(base.model, task_options, s));
-          std::string line = "teacher: planted ranks";
-          for (const rankwise::ModuleRank& m : teacher->planted->truth())
-            if (m.rank > 0) line += " " + m.path + "=" + std::to_string(m.rank);
-          char kl[128];
-          std::snprintf(kl, sizeof kl, "; KL(teacher || base) %.4f nats/token%s", teacher->calibration.total_kl,
-                        teacher->calibration.status == rankwise::Status::Ok ? "" : " (calibration: not every target met)");
-          if (u.seed == 1) teacher_lines[u.task] = line + kl;
+          if (u.seed == 1) teacher_lines[u.task] = describe(*teacher);
         }
         std::printf("  %s seed %d: started\n", task_name.c_str(), u.seed);
         std::fflush(stdout);
@@ -409,15 +412,13 @@ int run(Settings s) {
       std::stringstream lines(u.results.allocation);
       for (std::string line; std::getline(lines, line);) allocation_lines.push_back(line + "\n");
     }
-    // Method by method (in the order of the list), seed by seed.
-    const auto method_order = [&](const std::string& name) {
-      for (std::size_t m = 0; m < r.runs.size(); ++m)
-        if (r.runs[m].method == name) return m;
-      return r.runs.size();
-    };
-    std::stable_sort(r.runs.begin(), r.runs.end(), [&](const auto& a, const auto& b) {
-      return method_order(a.method) < method_order(b.method);
-    });
+    // Method by method (in the order of the first seed's results), seed by seed.
+    std::vector<std::string> order;
+    for (const rankwise::bench::VariantRun& run : r.runs)
+      if (std::find(order.begin(), order.end(), run.method) == order.end()) order.push_back(run.method);
+    const auto position = [&](const std::string& name) { return std::find(order.begin(), order.end(), name); };
+    std::stable_sort(r.runs.begin(), r.runs.end(),
+                     [&](const auto& a, const auto& b) { return position(a.method) < position(b.method); });
     std::sort(allocation_lines.begin(), allocation_lines.end());
     for (const std::string& line : allocation_lines) r.allocation += line;
     rankwise::bench::write_variant_results(out / task_name, r.runs, r.ranks);
