@@ -63,7 +63,10 @@ rankwise_configure() {
   shift
   local launcher=()
   if command -v ccache >/dev/null 2>&1; then
-    launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+    # Paths below the checkout are hashed relative to it and the build directory's own path is not
+    # hashed, so a second checkout (another folder, another CI run) hits the cache. The settings go
+    # into the build directory with the launcher, so that later `cmake --build` calls keep them.
+    launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_BASEDIR=$RANKWISE_ROOT;CCACHE_NOHASHDIR=true;ccache")
   fi
   cmake -S "$RANKWISE_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" "$@" >/dev/null
 }

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "support/paths.hpp"
+
 namespace {
 namespace fs = std::filesystem;
 
@@ -19,7 +21,7 @@ std::string read_file(const fs::path& path) {
   return os.str();
 }
 
-std::vector<std::string> lines_of(const std::string& text) {
+std::vector<std::string> trimmed_lines_of(const std::string& text) {
   std::vector<std::string> lines;
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {
@@ -34,7 +36,7 @@ std::vector<std::string> region(const fs::path& source, const std::string& name,
   std::vector<std::string> out;
   bool inside = false;
   found = false;
-  for (const std::string& line : lines_of(read_file(source))) {
+  for (const std::string& line : trimmed_lines_of(read_file(source))) {
     if (line == marker) {
       inside = !inside;
       found = true;
@@ -47,13 +49,13 @@ std::vector<std::string> region(const fs::path& source, const std::string& name,
 }  // namespace
 
 TEST_CASE("docs: every code block taken from an example matches the example", "[docs]") {
-  const fs::path root = RANKWISE_SOURCE_DIR;
+  const fs::path root = rankwise::test_support::source_dir();
   std::vector<fs::path> pages = {root / "README.md"};
   for (const auto& entry : fs::recursive_directory_iterator(root / "docs"))
     if (entry.path().extension() == ".md") pages.push_back(entry.path());
   int checked = 0;
   for (const fs::path& page : pages) {
-    const std::vector<std::string> lines = lines_of(read_file(page));
+    const std::vector<std::string> lines = trimmed_lines_of(read_file(page));
     for (std::size_t i = 0; i < lines.size(); ++i) {
       const std::string tag = "<!-- snippet: ";
       if (lines[i].rfind(tag, 0) != 0) continue;

@@ -206,7 +206,7 @@ TEST_CASE("DyLoRA: SGD with momentum leaves the untrained components alone too",
   CHECK(dylora.A().row(2) != A0.row(2));
 }
 
-TEST_CASE("DyLoRA: merge at any rank gives the adapted output; unmerge restores the base bit for bit",
+TEST_CASE("DyLoRA: merge at any rank gives the adapted output, and unmerge restores the base bit for bit",
           "[adapters][dylora]") {
   Random rng(9);
   DyLoRA<float> dylora(Linear<float>(32, 24, rng), {.max_rank = 8, .alpha = 16.0}, rng);

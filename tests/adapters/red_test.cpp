@@ -92,7 +92,7 @@ TEST_CASE("RED: merge folds the edit into the base, adding a bias when it has no
   }
 }
 
-TEST_CASE("RED: trainable parameters are 2 d per edited layer; LLaMA-2-7B gives 262,144", "[adapters][red]") {
+TEST_CASE("RED: trainable parameters are 2 d per edited layer (LLaMA-2-7B gives 262,144)", "[adapters][red]") {
   Random rng(5);
   // LLaMA-2-7B's down_proj maps 11008 -> 4096; the count depends only on the output size, so a
   // narrow input keeps the test small.
@@ -107,7 +107,7 @@ TEST_CASE("RED: trainable parameters are 2 d per edited layer; LLaMA-2-7B gives 
   CHECK(rankwise::count_trainable(bias_only.parameters()) == 768);
 }
 
-TEST_CASE("RED: set_path uses the official code's names; every vector is in parameters()", "[adapters][red]") {
+TEST_CASE("RED: set_path uses the official code's names, and every vector is in parameters()", "[adapters][red]") {
   Random rng(6);
   RED<float> red(Linear<float>(4, 3, rng), {.bias = false});
   red.set_path("layers.3.mlp.down_proj");

@@ -47,7 +47,7 @@ Matrix<Scalar> reference_forward(const VeRA<Scalar>& vera, const Matrix<Scalar>&
 }
 }  // namespace
 
-TEMPLATE_TEST_CASE("VeRA: a fresh adapter reproduces its base; d starts at d_initial, b at 0", "[adapters][vera]",
+TEMPLATE_TEST_CASE("VeRA: a fresh adapter reproduces its base, with d at d_initial and b at 0", "[adapters][vera]",
                    float, double) {
   Random rng(1);
   auto bank = VeRAProjections<TestType>::make(16, 12, 10, rng);
@@ -202,7 +202,7 @@ TEST_CASE("VeRA: the plain-LoRA export equals the adapter's delta", "[adapters][
   CHECK((vera.delta_weight().cast<double>() - expected).norm() <= 1e-6 * expected.norm());
 }
 
-TEST_CASE("VeRA: trainable parameters are out + r; RoBERTa-base q, v at r = 1024 gives 43,008", "[adapters][vera]") {
+TEST_CASE("VeRA: trainable parameters are out + r (RoBERTa-base q, v at r = 1024 gives 43,008)", "[adapters][vera]") {
   Random rng(11);
   auto bank = VeRAProjections<float>::make(1024, 768, 768, rng);
   VeRA<float> q(Linear<float>(768, 768, rng), bank);

@@ -2,6 +2,7 @@
 #include "variant_results.hpp"
 
 #include "support/temp_dir.hpp"
+#include "support/paths.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -180,7 +181,7 @@ TEST_CASE("ranks_csv and summary_csv: the documented headers", "[benchmarks][var
 
 TEST_CASE("variant_results: the CSV headers are those of benchmarks/testdata", "[benchmarks][variant_results]") {
   // plot_variants.py is tested on benchmarks/testdata; the writer must produce the same columns.
-  const std::filesystem::path data = std::filesystem::path(RANKWISE_SOURCE_DIR) / "benchmarks" / "testdata";
+  const std::filesystem::path data = rankwise::test_support::source_dir() / "benchmarks" / "testdata";
   const std::vector<VariantRun> runs = {make_run("lora", 1, 0.9, {1.0})};
   const std::vector<RankRecord> ranks = {{"alora", 1, 0, "m", 8}};
   CHECK(first_line(rankwise::test_support::read_text(data / "runs.csv")) == first_line(rankwise::bench::runs_csv(runs)));

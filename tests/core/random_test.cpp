@@ -111,7 +111,7 @@ TEST_CASE("Random: uniform_int covers its range evenly and rejects an empty one"
   CHECK_THROWS_AS(rng.uniform_int(5, 4), rankwise::InvalidArgument);
 }
 
-TEST_CASE("Random: snapshot and restore replay the stream; fork is independent", "[core][random]") {
+TEST_CASE("Random: snapshot and restore replay the stream, and fork is independent", "[core][random]") {
   Random rng(11);
   rng.normal();  // leaves a spare normal in the state
   const Random::Snapshot s = rng.snapshot();

@@ -29,6 +29,7 @@ using rankwise::Parameter;
 using rankwise::Random;
 using rankwise::SGD;
 using rankwise::test_support::random_matrix;
+using rankwise::test_support::same_bits;
 using rankwise::test_support::read_bytes;
 using rankwise::test_support::read_text;
 using rankwise::test_support::TempDir;
@@ -38,12 +39,6 @@ using Catch::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-template <typename Scalar>
-bool same_bits(const Matrix<Scalar>& a, const Matrix<Scalar>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(Scalar) * std::size_t(a.size())) == 0;
-}
 
 // Everything a small fine-tuning run holds: two adapted layers with dropout, AdamW under a cosine
 // schedule, the data generator and the generator that draws new ranks. `seed` only decides the

@@ -4,6 +4,7 @@
 
 #include "support/matchers.hpp"
 #include "support/temp_dir.hpp"
+#include "support/paths.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -28,6 +29,8 @@ using rankwise::PeftConfig;
 using rankwise::Random;
 using rankwise::test_support::is_close_to;
 using rankwise::test_support::random_matrix;
+using rankwise::test_support::same_bits;
+using rankwise::test_support::test_data_dir;
 using rankwise::test_support::read_bytes;
 using rankwise::test_support::read_text;
 using rankwise::test_support::TempDir;
@@ -38,7 +41,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path data_dir = RANKWISE_TEST_DATA_DIR;
 
 // A small "model": LoRA adapters on named linear layers, held at stable addresses.
 struct Model {
@@ -74,11 +76,6 @@ Model fresh_copy(const Model& source, Random& rng, const LoRAOptions& options = 
   return m;
 }
 
-bool same_bits(const Matrix<float>& a, const Matrix<float>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())) == 0;
-}
-
 Matrix<float> output(LoRA<float>& layer, const Matrix<float>& x) {
   Matrix<float> y;
   layer.set_training(false);
@@ -89,7 +86,7 @@ Matrix<float> output(LoRA<float>& layer, const Matrix<float>& x) {
 // A copy of the golden PEFT directory that a test may modify.
 fs::path copy_golden(const TempDir& dir) {
   const fs::path target = dir.path / "adapter";
-  fs::copy(data_dir / "peft_lora", target, fs::copy_options::recursive);
+  fs::copy(test_data_dir() / "peft_lora", target, fs::copy_options::recursive);
   return target;
 }
 
@@ -98,7 +95,7 @@ fs::path copy_golden(const TempDir& dir) {
 // --- reading PEFT's files ---------------------------------------------------------------------
 
 TEST_CASE("parse_peft_config: reads PEFT's key set and ignores unknown keys", "[io][peft]") {
-  const PeftConfig c = rankwise::parse_peft_config(read_text(data_dir / "peft_lora/adapter_config.json"));
+  const PeftConfig c = rankwise::parse_peft_config(read_text(test_data_dir() / "peft_lora/adapter_config.json"));
   CHECK(c.peft_type == "LORA");
   CHECK(c.r == 2);
   CHECK(c.lora_alpha == 4.0);
@@ -171,7 +168,7 @@ TEST_CASE("load_peft_adapter: loads a directory written by PEFT's rules", "[io][
   for (const char* path : {"layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.0.attn.k_proj",
                            "layers.1.attn.q_proj", "layers.1.attn.v_proj"})
     model.add(path, 4, 3, options, rng);
-  const PeftConfig config = rankwise::load_peft_adapter(data_dir / "peft_lora", model.modules);
+  const PeftConfig config = rankwise::load_peft_adapter(test_data_dir() / "peft_lora", model.modules);
   CHECK(config.r == 2);
   // make_golden.py: A[i][j] = (i + 1) / 4 - j / 8, B[i][j] = (i - j) / 2 + m, m = 0..3 over q0, v0, q1, v1.
   const int golden_index[] = {0, 1, -1, 2, 3};

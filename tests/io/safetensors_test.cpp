@@ -3,6 +3,7 @@
 
 #include "support/matchers.hpp"
 #include "support/temp_dir.hpp"
+#include "support/paths.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -25,6 +26,8 @@ using rankwise::Random;
 using rankwise::SafetensorsReader;
 using rankwise::SafetensorsWriter;
 using rankwise::test_support::random_matrix;
+using rankwise::test_support::same_bits;
+using rankwise::test_support::test_data_dir;
 using rankwise::test_support::read_bytes;
 using rankwise::test_support::TempDir;
 using Catch::Contains;
@@ -33,7 +36,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path data_dir = RANKWISE_TEST_DATA_DIR;
 
 
 
@@ -53,18 +55,12 @@ SafetensorsReader open_bytes(const std::vector<unsigned char>& bytes) {
 }
 
 
-template <typename Scalar>
-bool same_bits(const Matrix<Scalar>& a, const Matrix<Scalar>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(Scalar) * std::size_t(a.size())) == 0;
-}
-
 }  // namespace
 
 // --- golden files -------------------------------------------------------------------------------
 
 TEST_CASE("SafetensorsReader: reads every kind of tensor of a golden file", "[io][safetensors]") {
-  SafetensorsReader file(data_dir / "basic.safetensors");
+  SafetensorsReader file(test_data_dir() / "basic.safetensors");
   CHECK(file.metadata().at("format") == "pt");
   CHECK(file.metadata().at("note") == "golden");
   REQUIRE(file.size() == 5);
@@ -127,11 +123,11 @@ TEST_CASE("SafetensorsWriter: reproduces the golden file byte for byte", "[io][s
   writer.add("precise", precise, DType::F64);
   writer.add_scalar("scale", 2.5);
   writer.set_metadata("note", "golden");
-  CHECK(writer.serialize() == read_bytes(data_dir / "basic.safetensors"));
+  CHECK(writer.serialize() == read_bytes(test_data_dir() / "basic.safetensors"));
 }
 
 TEST_CASE("SafetensorsReader: widens F16 and BF16 edge values exactly", "[io][safetensors]") {
-  SafetensorsReader file(data_dir / "half.safetensors");
+  SafetensorsReader file(test_data_dir() / "half.safetensors");
   const std::vector<float> h = file.values<float>("f16");
   const std::vector<float> expected_h = {0.0f, -0.0f, std::ldexp(1.0f, -24), std::ldexp(1023.0f, -24),
                                          std::ldexp(1.0f, -14), 1.0f, -2.0f, 65504.0f,
@@ -159,7 +155,7 @@ TEST_CASE("SafetensorsReader: widens F16 and BF16 edge values exactly", "[io][sa
 }
 
 TEST_CASE("SafetensorsReader: reads data that starts at an unaligned offset", "[io][safetensors]") {
-  SafetensorsReader file(data_dir / "unaligned.safetensors");
+  SafetensorsReader file(test_data_dir() / "unaligned.safetensors");
   CHECK(file.data_start() % 4 != 0);
   const Matrix<float> m = file.matrix<float>("m");
   Matrix<float> expected(2, 2);
@@ -168,15 +164,15 @@ TEST_CASE("SafetensorsReader: reads data that starts at an unaligned offset", "[
 }
 
 TEST_CASE("SafetensorsReader: a file without tensors is valid", "[io][safetensors]") {
-  SafetensorsReader empty(data_dir / "empty.safetensors");
+  SafetensorsReader empty(test_data_dir() / "empty.safetensors");
   CHECK(empty.size() == 0);
   CHECK(empty.metadata().empty());
-  SafetensorsReader metadata_only(data_dir / "metadata_only.safetensors");
+  SafetensorsReader metadata_only(test_data_dir() / "metadata_only.safetensors");
   CHECK(metadata_only.size() == 0);
   CHECK(metadata_only.metadata().at("format") == "pt");
 
   SafetensorsWriter writer;
-  CHECK(writer.serialize() == read_bytes(data_dir / "metadata_only.safetensors"));
+  CHECK(writer.serialize() == read_bytes(test_data_dir() / "metadata_only.safetensors"));
 }
 
 // --- round trips ------------------------------------------------------------------------------
@@ -405,11 +401,11 @@ TEST_CASE("SafetensorsReader: rejects holes, overlaps and bytes outside the tens
 }
 
 TEST_CASE("SafetensorsReader: asks for what the file has", "[io][safetensors][errors]") {
-  SafetensorsReader file(data_dir / "basic.safetensors");
+  SafetensorsReader file(test_data_dir() / "basic.safetensors");
   REQUIRE_THROWS_WITH(file.matrix<float>("nope"), Contains("has no tensor named 'nope'") && Contains("basic.safetensors"));
   REQUIRE_THROWS_WITH(file.values<float>("counts"), Contains("tensor 'counts' must have dtype F32, F64, F16 or BF16") &&
                                                         Contains("(got I64)") && Contains("at byte "));
-  REQUIRE_THROWS_AS(SafetensorsReader(data_dir / "does_not_exist.safetensors"), rankwise::IoError);
+  REQUIRE_THROWS_AS(SafetensorsReader(test_data_dir() / "does_not_exist.safetensors"), rankwise::IoError);
 }
 
 TEST_CASE("SafetensorsReader: a file that shrinks after opening raises FormatError", "[io][safetensors][errors]") {

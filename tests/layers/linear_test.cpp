@@ -151,7 +151,7 @@ TEST_CASE("Linear: bias can be added and removed for merges", "[layers][linear]"
   CHECK(y(0, 0) == 3.0f);
 }
 
-TEST_CASE("Linear: frozen weights keep no gradient storage; unfreezing works, flipping the flag alone is caught",
+TEST_CASE("Linear: frozen weights keep no gradient storage, unfreezing works, flipping the flag alone is caught",
           "[layers][linear][errors]") {
   Random rng(9);
   Linear<float> layer(4, 3, rng, {.trainable = false});

@@ -26,7 +26,7 @@ using rankwise::ToyTransformerConfig;
 using rankwise::test_support::TempDir;
 
 namespace {
-const ToyTransformerConfig kTiny{.vocab = 48, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 19};
+const ToyTransformerConfig kFinetuneModel{.vocab = 48, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 19};
 const rankwise::TaskOptions kTask{.vocab = 48, .seq_len = 19, .letters = 8};
 const std::vector<std::string> kKinds = {"lora", "dylora", "erat", "vera", "red", "melora", "alora"};
 
@@ -115,7 +115,7 @@ bool all_plain(ToyTransformer<float>& model) {
 TEST_CASE("Finetuner: every adapter kind lowers the loss and never moves a frozen weight", "[models][finetune]") {
   for (const std::string& kind : kKinds) {
     Random rng(7);
-    ToyTransformer<float> model(kTiny, rng);
+    ToyTransformer<float> model(kFinetuneModel, rng);
     const std::map<std::string, Matrix<float>> before = values_of(model, true);  // all trainable before injection
     Finetuner<float> tuner(model, tiny_recipe(kind), validation_batch());
     const std::map<std::string, Matrix<float>> trainable_at_start = values_of(model, true);
@@ -148,7 +148,7 @@ TEST_CASE("Finetuner: a fixed seed reproduces the loss curve bit for bit", "[mod
   for (const std::string kind : {"lora", "dylora", "erat", "alora", "vera"}) {
     const auto curve = [&](std::uint64_t seed) {
       Random rng(7);
-      ToyTransformer<float> model(kTiny, rng);
+      ToyTransformer<float> model(kFinetuneModel, rng);
       FinetuneRecipe recipe = tiny_recipe(kind, 30);
       recipe.seed = seed;
       Finetuner<float> tuner(model, recipe, validation_batch());
@@ -163,7 +163,7 @@ TEST_CASE("Finetuner: a fixed seed reproduces the loss curve bit for bit", "[mod
 
 TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports its ranks", "[models][finetune]") {
   Random rng(7);
-  ToyTransformer<float> model(kTiny, rng);
+  ToyTransformer<float> model(kFinetuneModel, rng);
   Finetuner<float> tuner(model, tiny_recipe("alora"), validation_batch());
   REQUIRE(tuner.allocator() != nullptr);
   const rankwise::TaskGenerator task(rankwise::TaskKind::Copy, kTask);
@@ -199,14 +199,14 @@ TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports 
 TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[models][finetune]") {
   {
     Random rng(7);
-    ToyTransformer<float> model(kTiny, rng);
+    ToyTransformer<float> model(kFinetuneModel, rng);
     Finetuner<float> never_stepped(model, tiny_recipe("alora"), validation_batch());
     CHECK(never_stepped.finish() == rankwise::Status::NotApplied);
     CHECK_THAT(never_stepped.report().message,
                Catch::Contains("the allocator never acted: training ended at step 0 but the first round was due at step 8"));
   }
   Random rng(7);
-  ToyTransformer<float> model(kTiny, rng);
+  ToyTransformer<float> model(kFinetuneModel, rng);
   Finetuner<float> tuner(model, tiny_recipe("alora"), validation_batch());
   const rankwise::TaskGenerator task(rankwise::TaskKind::Copy, kTask);
   Random data(5);
@@ -220,7 +220,7 @@ TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[
 
   // A plain LoRA run has no allocator and finishes Ok.
   Random rng2(7);
-  ToyTransformer<float> plain(kTiny, rng2);
+  ToyTransformer<float> plain(kFinetuneModel, rng2);
   Finetuner<float> lora(plain, tiny_recipe("lora", 5));
   CHECK(lora.allocator() == nullptr);
   for (int s = 0; s < 5; ++s) lora.step(task.sample(8, data));
@@ -230,12 +230,12 @@ TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[
 
 TEST_CASE("Finetuner: bad recipes are rejected before the model changes", "[models][finetune][errors]") {
   Random rng(7);
-  ToyTransformer<float> model(kTiny, rng);
+  ToyTransformer<float> model(kFinetuneModel, rng);
   const TokenBatch validation = validation_batch();
   const auto rejects = [&](FinetuneRecipe recipe, const std::string& what, TokenBatch v = {}) {
     INFO(what);
     CHECK_THROWS_WITH(Finetuner<float>(model, recipe, v), Catch::Contains(what));
-    CHECK_THROWS_WITH(Finetuner<float>::check_recipe(kTiny, recipe, v), Catch::Contains(what));
+    CHECK_THROWS_WITH(Finetuner<float>::check_recipe(kFinetuneModel, recipe, v), Catch::Contains(what));
     CHECK(all_plain(model));
   };
   FinetuneRecipe r = tiny_recipe("ia3");
@@ -284,7 +284,7 @@ TEST_CASE("Finetuner: a batch that does not fit the model is rejected and change
   const rankwise::TaskGenerator task(rankwise::TaskKind::Copy, kTask);
   const auto first_loss_after_bad_batches = [&](bool bad) {
     Random rng(7);
-    ToyTransformer<float> model(kTiny, rng);
+    ToyTransformer<float> model(kFinetuneModel, rng);
     Finetuner<float> tuner(model, tiny_recipe("dylora"), {});
     Random data(5);
     const TokenBatch good = task.sample(4, data);
@@ -311,7 +311,7 @@ TEST_CASE("Finetuner: a batch that does not fit the model is rejected and change
   CHECK(first_loss_after_bad_batches(true) == first_loss_after_bad_batches(false));
 
   Random rng(7);
-  ToyTransformer<float> model(kTiny, rng);
+  ToyTransformer<float> model(kFinetuneModel, rng);
   const rankwise::TaskGenerator long_task(rankwise::TaskKind::Copy, {.vocab = 48, .seq_len = 24, .letters = 8});
   CHECK_THROWS_WITH(rankwise::evaluate_model(model, long_task, 8), Catch::Contains("longer than the model's context"));
 }
@@ -350,7 +350,7 @@ TEST_CASE("Finetuner: the loss is pluggable, for training and for the allocator'
   OneThread one;
   const auto run = [](std::shared_ptr<rankwise::TrainingLoss<float>> loss) {
     Random rng(7);
-    ToyTransformer<float> model(kTiny, rng);
+    ToyTransformer<float> model(kFinetuneModel, rng);
     FinetuneRecipe recipe = tiny_recipe("alora", 12);
     recipe.allocator = rankwise::RankAllocatorOptions{};
     recipe.allocator->warmup_steps = 4;
@@ -371,7 +371,7 @@ TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit, and one of
           "[models][base_checkpoint]") {
   TempDir dir("base_checkpoint");
   Random rng(1);
-  ToyTransformer<float> model(kTiny, rng);
+  ToyTransformer<float> model(kFinetuneModel, rng);
   const rankwise::PretrainRecipe recipe{.task_options = kTask, .steps = 6, .batch = 4, .seed = 2};
   const rankwise::PretrainResult result = rankwise::pretrain(model, recipe);
   CHECK(result.steps == 6);
@@ -379,7 +379,7 @@ TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit, and one of
   rankwise::save_base_checkpoint(dir.path / "base", model, recipe, result);
 
   Random other_rng(2);
-  ToyTransformer<float> fresh(kTiny, other_rng);
+  ToyTransformer<float> fresh(kFinetuneModel, other_rng);
   const rankwise::BaseCheckpointInfo info = rankwise::load_base_checkpoint(dir.path / "base", fresh);
   CHECK(info.recipe["steps"] == 6);
   CHECK(info.result.final_loss == result.final_loss);
@@ -388,7 +388,7 @@ TEST_CASE("ToyTransformer checkpoint: a base round-trips bit for bit, and one of
   const TokenBatch batch = validation_batch();
   CHECK(same(eval_logits(model, batch), eval_logits(fresh, batch)));
 
-  ToyTransformerConfig wider = kTiny;
+  ToyTransformerConfig wider = kFinetuneModel;
   wider.d_ff = 24;
   wider.layers = 3;
   ToyTransformer<float> other(wider, rng);
@@ -410,15 +410,15 @@ TEST_CASE("load_or_pretrain: the second call loads the cached base instead of tr
   OneThread one;
   TempDir dir("base_cache");
   const rankwise::PretrainRecipe recipe{.task_options = kTask, .steps = 8, .batch = 4, .seed = 2};
-  const std::filesystem::path cache = dir.path / rankwise::base_checkpoint_name(kTiny, recipe);
+  const std::filesystem::path cache = dir.path / rankwise::base_checkpoint_name(kFinetuneModel, recipe);
   CHECK(cache.filename().string().rfind("toy-v48-d16-h2-l2-ff32-ctx19-mixture-8steps-seed2-", 0) == 0);
   long steps_seen = 0;
   rankwise::PretrainedBase<float> first =
-      rankwise::load_or_pretrain<float>(kTiny, recipe, cache, [&](const rankwise::TrainingProgress&) { ++steps_seen; });
+      rankwise::load_or_pretrain<float>(kFinetuneModel, recipe, cache, [&](const rankwise::TrainingProgress&) { ++steps_seen; });
   CHECK_FALSE(first.loaded);
   CHECK(steps_seen == 8);
   rankwise::PretrainedBase<float> second =
-      rankwise::load_or_pretrain<float>(kTiny, recipe, cache, [&](const rankwise::TrainingProgress&) { ++steps_seen; });
+      rankwise::load_or_pretrain<float>(kFinetuneModel, recipe, cache, [&](const rankwise::TrainingProgress&) { ++steps_seen; });
   CHECK(second.loaded);
   CHECK(second.same_recipe);
   CHECK(steps_seen == 8);  // nothing trained the second time
@@ -432,11 +432,11 @@ TEST_CASE("load_or_pretrain: the second call loads the cached base instead of tr
   longer.steps = 9;
   rankwise::PretrainRecipe other_lr = recipe;
   other_lr.lr = 1e-3;
-  ToyTransformerConfig other_config = kTiny;
+  ToyTransformerConfig other_config = kFinetuneModel;
   other_config.heads = 4;
-  const std::set<std::string> names = {rankwise::base_checkpoint_name(kTiny, recipe),
-                                       rankwise::base_checkpoint_name(kTiny, longer),
-                                       rankwise::base_checkpoint_name(kTiny, other_lr),
+  const std::set<std::string> names = {rankwise::base_checkpoint_name(kFinetuneModel, recipe),
+                                       rankwise::base_checkpoint_name(kFinetuneModel, longer),
+                                       rankwise::base_checkpoint_name(kFinetuneModel, other_lr),
                                        rankwise::base_checkpoint_name(other_config, recipe)};
   CHECK(names.size() == 4);
   CHECK_THROWS_WITH(rankwise::load_or_pretrain<float>(other_config, recipe, cache),
@@ -447,14 +447,14 @@ TEST_CASE("Finetuner: a saved adapter loads back into a fresh model and gives th
   OneThread one;
   TempDir dir("saved_adapter");
   Random base_rng(1);
-  ToyTransformer<float> base(kTiny, base_rng);
+  ToyTransformer<float> base(kFinetuneModel, base_rng);
   const rankwise::PretrainRecipe pretraining{.task_options = kTask, .steps = 4, .batch = 4};
   rankwise::save_base_checkpoint(dir.path / "base", base, pretraining, rankwise::pretrain(base, pretraining));
   const TokenBatch batch = validation_batch();
   const rankwise::TaskGenerator task(rankwise::TaskKind::Copy, kTask);
   const auto fresh_model = [&](std::uint64_t seed) {
     Random rng(seed);
-    ToyTransformer<float> model(kTiny, rng);
+    ToyTransformer<float> model(kFinetuneModel, rng);
     rankwise::load_base_checkpoint(dir.path / "base", model);
     return model;
   };

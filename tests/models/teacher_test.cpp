@@ -32,7 +32,7 @@ namespace {
 // Inputs of at most 10 tokens: letter tasks of 1..3 letters, sums of one-digit numbers.
 const rankwise::TaskOptions kTinyTask{.vocab = 40, .seq_len = 10, .letters = 4, .min_length = 1, .max_length = 3,
                                       .max_digits = 1};
-const ToyTransformerConfig kTiny{.vocab = 40, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 24, .max_seq_len = 10};
+const ToyTransformerConfig kTeacherModel{.vocab = 40, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 24, .max_seq_len = 10};
 const rankwise::TaskGenerator kMixture(rankwise::TaskKind::Mixture, kTinyTask);
 
 template <typename Scalar>
@@ -80,7 +80,7 @@ rankwise::InjectionOptions lora_on(const std::vector<ModuleRank>& modules) {
 
 TEST_CASE("PlantedTeacher: each planted change has exactly the planted rank and spectrum", "[models][teacher]") {
   Random rng(1);
-  ToyTransformer<double> base(kTiny, rng);
+  ToyTransformer<double> base(kTeacherModel, rng);
   const std::vector<ModuleRank> plan = {{"layers.1.attn.v_proj", 1}, {"layers.0.mlp.up_proj", 3}, {"lm_head", 2}};
   Random plant_rng(2);
   PlantedTeacher<double> teacher(base, plan, {.scale = 0.7, .decay = 0.5}, plant_rng);
@@ -110,7 +110,7 @@ TEST_CASE("PlantedTeacher: each planted change has exactly the planted rank and 
 
 TEST_CASE("PlantedTeacher: the teacher differs from the base only in the planted weights", "[models][teacher]") {
   Random rng(3);
-  ToyTransformer<double> base(kTiny, rng);
+  ToyTransformer<double> base(kTeacherModel, rng);
   const auto before = values_of(base);
   const std::vector<ModuleRank> plan = {{"layers.0.attn.k_proj", 2}, {"layers.1.mlp.down_proj", 4}};
   Random plant_rng(4);
@@ -146,7 +146,7 @@ TEST_CASE("PlantedTeacher: the default plan spreads ranks over depths and module
                                                                            {"layers.0.attn.v_proj", 1},
                                                                            {"layers.0.attn.o_proj", 1},
                                                                            {"layers.0.mlp.up_proj", 1}});
-  for (const ToyTransformerConfig& c : {kTiny, one_layer}) {  // valid plans for small models too
+  for (const ToyTransformerConfig& c : {kTeacherModel, one_layer}) {  // valid plans for small models too
     Random rng(5);
     ToyTransformer<float> base(c, rng);
     PlantedTeacher<float> teacher(base, rankwise::default_plant_plan(c), {}, rng);
@@ -158,10 +158,10 @@ TEST_CASE("PlantedTeacher: the default plan spreads ranks over depths and module
 
 TEST_CASE("PlantedTeacher: calibration gives each change alone the target KL and keeps its rank", "[models][teacher]") {
   Random rng(16);
-  ToyTransformer<float> base(kTiny, rng);
+  ToyTransformer<float> base(kTeacherModel, rng);
   pretrain(base, 30);
   Random plant_rng(17);
-  PlantedTeacher<float> teacher(base, rankwise::default_plant_plan(kTiny), {}, plant_rng);
+  PlantedTeacher<float> teacher(base, rankwise::default_plant_plan(kTeacherModel), {}, plant_rng);
   Random data_rng(18);
   const rankwise::TokenBatch inputs = kMixture.sample(32, data_rng);
   const rankwise::PlantCalibration report = teacher.calibrate(inputs, {.target_kl = 0.01});
@@ -206,8 +206,8 @@ TEST_CASE("PlantedTeacher: calibration gives each change alone the target KL and
 
 TEST_CASE("TeacherTask: planting and batches are deterministic for a seed", "[models][teacher]") {
   Random rng(6);
-  ToyTransformer<float> base(kTiny, rng);
-  const std::vector<ModuleRank> plan = rankwise::default_plant_plan(kTiny);
+  ToyTransformer<float> base(kTeacherModel, rng);
+  const std::vector<ModuleRank> plan = rankwise::default_plant_plan(kTeacherModel);
   Random a(7), b(7), c(8);
   PlantedTeacher<float> ta(base, plan, {}, a), tb(base, plan, {}, b), tc(base, plan, {}, c);
   CHECK(values_of(ta.model()) == values_of(tb.model()));
@@ -300,7 +300,7 @@ TEST_CASE("DistillationLoss: gradient matches finite differences, alone and thro
     for (Index t = 0; t < 6; ++t) CHECK(grad(c, t) == Approx(numeric(c, t)).margin(1e-8));
 
   // The whole wiring: teacher batch -> student forward -> loss -> backward into LoRA (B non-zero).
-  ToyTransformer<double> student_model(kTiny, rng);
+  ToyTransformer<double> student_model(kTeacherModel, rng);
   const std::vector<ModuleRank> plan = {{"layers.0.attn.q_proj", 1}, {"layers.1.mlp.up_proj", 2}};
   PlantedTeacher<double> planted(student_model, plan, {}, rng);
   TeacherTask<double> task(planted.model(), kMixture, {.temperature = 1.5});
@@ -338,9 +338,9 @@ TEST_CASE("DistillationLoss: gradient matches finite differences, alone and thro
 TEST_CASE("TeacherTask: KL is 0 for the teacher, positive for the base, and LoRA on the planted modules reduces it",
           "[models][teacher]") {
   Random rng(11);
-  ToyTransformer<float> student(kTiny, rng);
+  ToyTransformer<float> student(kTeacherModel, rng);
   pretrain(student, 30);
-  const std::vector<ModuleRank> plan = rankwise::default_plant_plan(kTiny);
+  const std::vector<ModuleRank> plan = rankwise::default_plant_plan(kTeacherModel);
   Random plant_rng(12);
   PlantedTeacher<float> teacher(student, plan, {}, plant_rng);
   Random calibration_rng(19);
@@ -412,7 +412,7 @@ TEST_CASE("compare_allocation: per-module table and summary on a hand-made alloc
 
 TEST_CASE("Teacher task: bad input is rejected with clear messages", "[models][teacher][errors]") {
   Random rng(15);
-  ToyTransformer<float> base(kTiny, rng);
+  ToyTransformer<float> base(kTeacherModel, rng);
   const auto plant = [&](std::vector<ModuleRank> plan, rankwise::PlantOptions o = {}) {
     Random r(1);
     PlantedTeacher<float> t(base, std::move(plan), o, r);
@@ -430,7 +430,7 @@ TEST_CASE("Teacher task: bad input is rejected with clear messages", "[models][t
   CHECK_THROWS_WITH(plant({}, {.decay = 1.5}), Catch::Contains("decay must be in (0, 1] (got 1.5)"));
   {
     Random r(2);
-    ToyTransformer<float> zero(kTiny, r);
+    ToyTransformer<float> zero(kTeacherModel, r);
     for (rankwise::Parameter<float>* p : zero.parameters())
       if (p->name == "layers.1.attn.o_proj.weight") p->value.setZero();
     PlantedTeacher<float> fine(zero, {{"layers.1.attn.k_proj", 1}}, {}, r);
@@ -440,7 +440,7 @@ TEST_CASE("Teacher task: bad input is rejected with clear messages", "[models][t
   }
   {
     Random r(3);
-    ToyTransformer<float> adapted(kTiny, r);
+    ToyTransformer<float> adapted(kTeacherModel, r);
     rankwise::inject_adapters(adapted, lora_on({{"layers.1.attn.v_proj", 1}}), r);
     CHECK_THROWS_WITH(PlantedTeacher<float>(adapted, {{"lm_head", 1}}, {}, r),
                       Catch::Contains("must hold plain linear modules (got a \"lora\" at 'layers.1.attn.v_proj')"));

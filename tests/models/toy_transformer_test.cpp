@@ -24,7 +24,7 @@ using rankwise::ToyTransformer;
 using rankwise::ToyTransformerConfig;
 
 namespace {
-const ToyTransformerConfig kTiny{.vocab = 11, .d_model = 8, .heads = 2, .layers = 2, .d_ff = 12, .max_seq_len = 5};
+const ToyTransformerConfig kToyModel{.vocab = 11, .d_model = 8, .heads = 2, .layers = 2, .d_ff = 12, .max_seq_len = 5};
 
 struct Data {
   std::vector<std::int32_t> tokens, targets;
@@ -80,7 +80,7 @@ void randomize_trainable(ToyTransformer<double>& model, Random& rng) {
 
 TEST_CASE("ToyTransformer: the whole model's backward matches finite differences", "[models][toy_transformer][gradcheck]") {
   Random rng(1);
-  ToyTransformer<double> model(kTiny, rng);
+  ToyTransformer<double> model(kToyModel, rng);
   const Data d = tiny_data(rng, 2, 5, 11);
   Index checked = 0;
   const double err = model_gradient_error(model, d, 5, &checked);
@@ -92,7 +92,7 @@ TEST_CASE("ToyTransformer: the whole model's backward matches finite differences
 TEST_CASE("ToyTransformer: gradients stay right with adapters injected", "[models][toy_transformer][gradcheck]") {
   for (const char* name : {"lora", "dylora", "vera", "red", "melora"}) {
     Random rng(2);
-    ToyTransformer<double> model(kTiny, rng);
+    ToyTransformer<double> model(kToyModel, rng);
     InjectionOptions options;
     options.adapter.name = name;
     if (std::string(name) == "lora") options.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
@@ -117,7 +117,7 @@ TEST_CASE("ToyTransformer: under frozen embeddings the first block skips its inp
   // input gradient in full. Every adapter gradient must agree bit for bit.
   const auto build = [](bool embeddings_learn) {
     Random rng(6);
-    ToyTransformer<double> model(kTiny, rng);
+    ToyTransformer<double> model(kToyModel, rng);
     InjectionOptions options;
     options.all_linear = true;
     options.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
@@ -151,7 +151,7 @@ TEST_CASE("ToyTransformer: under frozen embeddings the first block skips its inp
     CHECK(a[i]->grad == b[i]->grad);
     ++adapters;
   }
-  CHECK(adapters == 2 * 6 * kTiny.layers);  // lora_A and lora_B of every projection
+  CHECK(adapters == 2 * 6 * kToyModel.layers);  // lora_A and lora_B of every projection
   for (rankwise::Parameter<double>* p : b)
     if (p->name.rfind("embed_", 0) == 0) CHECK_FALSE(p->grad.isZero(0.0));  // the full path did run
 }
@@ -241,8 +241,8 @@ TEST_CASE("ToyTransformer: bad input is rejected", "[models][toy_transformer][er
 
 TEST_CASE("ToyTransformer: copy_parameters_from gives the same model, or refuses and changes nothing", "[models][toy_transformer]") {
   Random rng(8);
-  ToyTransformer<double> a(kTiny, rng), b(kTiny, rng);
-  const Data d = tiny_data(rng, 2, 4, kTiny.vocab);
+  ToyTransformer<double> a(kToyModel, rng), b(kToyModel, rng);
+  const Data d = tiny_data(rng, 2, 4, kToyModel.vocab);
   Matrix<double> ya, yb;
   a.set_training(false);
   b.set_training(false);
@@ -253,7 +253,7 @@ TEST_CASE("ToyTransformer: copy_parameters_from gives the same model, or refuses
   b.forward(d.tokens, 4, yb);
   CHECK(ya == yb);
 
-  ToyTransformerConfig wider = kTiny;
+  ToyTransformerConfig wider = kToyModel;
   wider.d_ff = 16;
   ToyTransformer<double> other(wider, rng);
   CHECK_THROWS_WITH(other.copy_parameters_from(a), Catch::Contains("the same configuration"));

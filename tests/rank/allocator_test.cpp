@@ -202,7 +202,7 @@ TEST_CASE("plan_pruning: the lowest ranks go until enough budget is freed", "[ra
   CHECK(plan.add == std::vector<Index>{0, 0});
 }
 
-TEST_CASE("RankAllocator: rounds at K1, K1 + K2, ...; the budget holds after every round", "[rank][allocator]") {
+TEST_CASE("RankAllocator: rounds at K1, K1 + K2, ... and the budget holds after every round", "[rank][allocator]") {
   Bank bank;
   for (int m = 0; m < 4; ++m) bank.add(12, 10, 4, path_of("blocks.", std::size_t(m), ".fc"));
   ScriptedImportance scripted(by_module({3.0, 1.0, 2.0, 0.0}));
@@ -348,7 +348,7 @@ TEST_CASE("RankAllocator: the same seed gives the same allocation and the same w
   CHECK(a.first != c.first);
 }
 
-TEST_CASE("RankAllocator: a budget smaller than the number of modules; modules at rank 0", "[rank][allocator]") {
+TEST_CASE("RankAllocator: a budget smaller than the number of modules leaves modules at rank 0", "[rank][allocator]") {
   Bank bank;
   for (int m = 0; m < 6; ++m) bank.add(5, 5, 1, path_of("m", std::size_t(m)));
   // Budget 4 over 6 modules: two modules start at rank 0 (uniform_ranks(4, 6) = 1 1 1 1 0 0).

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 namespace rankwise::test_support {
@@ -72,6 +73,13 @@ Matrix<Scalar> random_matrix(Index rows, Index cols, Random& rng) {
   Matrix<Scalar> m(rows, cols);
   fill_normal(m, 0.0, 1.0, rng);
   return m;
+}
+
+/// True when the two matrices have the same shape and the same bits (a bit-for-bit restore).
+template <typename Scalar>
+bool same_bits(const Matrix<Scalar>& a, const Matrix<Scalar>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(Scalar) * std::size_t(a.size())) == 0);
 }
 
 }  // namespace rankwise::test_support
