@@ -190,6 +190,7 @@ class LoRA {
   /// Accumulates dA, dB (base frozen); assigns dx.
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     check_backward(dy);
+    if (m_probe.armed) accumulate_probe(dy);
     m_base.backward(dy, dx);
     if (!branch_active()) return;
     branch_parameter_gradients(dy);
@@ -205,6 +206,7 @@ class LoRA {
   /// gradient (the first layer of a model whose embeddings are frozen). Skips the base's W^T dy.
   void backward_parameters_only(const ConstRef<Scalar>& dy) {
     check_backward(dy);
+    if (m_probe.armed) accumulate_probe(dy);
     if (branch_active()) branch_parameter_gradients(dy);
   }
 
@@ -332,6 +334,50 @@ class LoRA {
     return make_change(r, std::move(kept), k);
   }
 
+  // --- gradient probe (rank allocation) ------------------------------------------------------------
+  /// Arms a probe of G = dL/dW, the gradient the frozen weight would receive (out x in), applied to
+  /// given matrices without ever forming G: every training-mode backward() until
+  /// disarm_gradient_probe() adds dy (x^T right) to probe_right() (out x k) and (left^T dy) x^T to
+  /// probe_left() (k x in), x being the layer's input. Either side may be empty (0 columns). The
+  /// cost per step is O(n k (in + out)); the forward keeps a copy of x only for the left side.
+  /// RankAllocator's gain estimates use it (docs/rank/alora.md). Works at rank 0 too.
+  void arm_gradient_probe(MatrixType right, MatrixType left) {
+    if (right.size() > 0 && right.rows() != in_features())
+      detail::fail("rankwise::LoRA", "arm_gradient_probe: right must have in_features = ", in_features(),
+                   " rows (got ", right.rows(), " x ", right.cols(), ")");
+    if (left.size() > 0 && left.rows() != out_features())
+      detail::fail("rankwise::LoRA", "arm_gradient_probe: left must have out_features = ", out_features(),
+                   " rows (got ", left.rows(), " x ", left.cols(), ")");
+    m_probe.right = std::move(right);
+    m_probe.left = std::move(left);
+    m_probe.right_sum = MatrixType::Zero(out_features(), m_probe.right.cols());
+    m_probe.left_sum = MatrixType::Zero(m_probe.left.cols(), in_features());
+    m_probe.armed = m_probe.right.cols() > 0 || m_probe.left.cols() > 0;
+    m_probe.batches = 0;
+    m_probe.cols = -1;
+  }
+  void disarm_gradient_probe() { m_probe.armed = false; }
+  bool gradient_probe_armed() const { return m_probe.armed; }
+  /// Sum over the probed backward() calls of G right (out x k), and of left^T G (k x in).
+  const MatrixType& probe_right() const { return m_probe.right_sum; }
+  const MatrixType& probe_left() const { return m_probe.left_sum; }
+  /// How many backward() calls the probe has seen.
+  long probe_batches() const { return m_probe.batches; }
+
+  /// Appends ranks whose rows of A are given (k x in), with B's new columns zero and gates 1, so the
+  /// function is unchanged (the allocator's warm start: directions that the gradient favours).
+  RankChange add_ranks_with_rows(const MatrixType& rows) {
+    if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "add_ranks_with_rows(): unmerge() first");
+    if (rows.cols() != in_features())
+      detail::fail("rankwise::LoRA", "add_ranks_with_rows: rows must have in_features = ", in_features(),
+                   " columns (got ", rows.rows(), " x ", rows.cols(), ")");
+    if (!rows.allFinite()) detail::fail("rankwise::LoRA", "add_ranks_with_rows: rows must be finite");
+    Random unused(0);  // add_ranks() draws rows that are then overwritten
+    RankChange change = add_ranks(rows.rows(), unused);
+    m_A.value.bottomRows(rows.rows()) = rows;
+    return change;
+  }
+
  private:
   bool branch_active() const { return m_enabled && !m_merge.is_merged() && rank() > 0; }
 
@@ -342,6 +388,7 @@ class LoRA {
     m_base.forward(x, y);
     m_cached_cols = m_training ? x.cols() : -1;
     m_borrowed_x = nullptr;
+    if (m_training && m_probe.armed) capture_probe_input(x);
     if (!branch_active()) return;
     const bool drop = m_training && m_options.dropout > 0.0;
     if (drop) {
@@ -385,6 +432,23 @@ class LoRA {
         detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
       m_A.grad.noalias() += m_t * x.transpose();
     }
+  }
+
+  void capture_probe_input(const ConstRef<Scalar>& x) {
+    if (m_probe.right.cols() > 0) m_probe.p.noalias() = m_probe.right.transpose() * x;  // k x n
+    if (m_probe.left.cols() > 0) m_probe.x = x;
+    m_probe.cols = x.cols();
+  }
+
+  void accumulate_probe(const ConstRef<Scalar>& dy) {
+    if (m_probe.cols != dy.cols())
+      detail::fail<StateError>("rankwise::LoRA", "backward: the gradient probe was armed after this batch's forward()");
+    if (m_probe.right.cols() > 0) m_probe.right_sum.noalias() += dy * m_probe.p.transpose();
+    if (m_probe.left.cols() > 0) {
+      m_probe.q.noalias() = m_probe.left.transpose() * dy;  // k x n
+      m_probe.left_sum.noalias() += m_probe.q * m_probe.x.transpose();
+    }
+    ++m_probe.batches;
   }
 
   template <typename Derived>
@@ -437,6 +501,14 @@ class LoRA {
   MatrixType m_u;          // diag(g) A x, r x n
   MatrixType m_t;          // diag(g) s B^T dy, r x n
   MatrixType m_dx_branch;  // A^T t before the mask, in x n
+  struct GradientProbe {
+    bool armed = false;
+    Index cols = -1;  // columns of the batch whose input was captured
+    long batches = 0;
+    MatrixType right, left;          // in x k, out x k
+    MatrixType right_sum, left_sum;  // out x k, k x in
+    MatrixType p, q, x;              // right^T x (k x n), left^T dy (k x n), the input (in x n)
+  } m_probe;
 };
 
 static_assert(Layer<LoRA<float>>, "LoRA must model the Layer contract");

@@ -589,6 +589,9 @@ class Finetuner {
       detail::fail(where, "allocator options apply to adapter \"alora\" (got \"", r.adapter, "\")");
     if (r.importance != "ablation" && r.importance != "sensitivity" && r.importance != "magnitude")
       detail::fail(where, "importance must be one of ablation, sensitivity, magnitude (got \"", r.importance, "\")");
+    if (r.allocator && r.allocator->policy == AllocationPolicy::GainOverCost && r.importance != "ablation")
+      detail::fail(where, "the gain-over-cost allocator compares drop costs, which need importance \"ablation\" (got \"",
+                   r.importance, "\")");
     if (r.importance != "ablation" && r.adapter != "alora")
       detail::fail(where, "importance \"", r.importance, "\" applies to adapter \"alora\" (got \"", r.adapter, "\")");
     if (r.adapter == "alora" && r.importance == "ablation") {
@@ -665,12 +668,6 @@ class Finetuner {
       std::vector<RankModule<Scalar>> modules;
       for (const InjectedModule<Scalar>& m : m_injection.modules)
         modules.emplace_back(m.slot->template as<LoRA<Scalar>>(), m.path);
-      if (m_recipe.importance == "sensitivity")
-        m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
-      else if (m_recipe.importance == "magnitude")
-        m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
-      else
-        m_estimator = std::make_unique<AblationImportance<Scalar>>([this] { return validation_loss(); });
       RankAllocatorOptions options;
       if (m_recipe.allocator) {
         options = *m_recipe.allocator;
@@ -679,6 +676,14 @@ class Finetuner {
         options.rounds = 4;                                          // N_A
         options.recovery_steps = std::max(1L, m_recipe.steps / 10);  // K2
       }
+      if (m_recipe.importance == "sensitivity")
+        m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
+      else if (m_recipe.importance == "magnitude")
+        m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
+      else
+        m_estimator = std::make_unique<AblationImportance<Scalar>>(
+            [this] { return validation_loss(); },
+            AblationImportanceOptions{.leave_one_out = options.policy == AllocationPolicy::GainOverCost});
       if (options.total_steps == 0) options.total_steps = m_recipe.steps;
       m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
       m_allocator->add_optimizer(m_optimizer);

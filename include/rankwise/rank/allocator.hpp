@@ -22,6 +22,7 @@
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
 #include <rankwise/optim/optimizer.hpp>
+#include <rankwise/rank/gain.hpp>
 #include <rankwise/rank/importance.hpp>
 #include <rankwise/rank/module.hpp>
 
@@ -49,8 +50,15 @@ enum class BudgetUnit {
 };
 
 enum class AllocationPolicy {
-  PruneAndReallocate,  ///< ALoRA's Algorithm 1 (default)
+  PruneAndReallocate,  ///< ALoRA's Algorithm 1, exactly as the paper specifies it
   PruneOnly,           ///< AdaLoRA-like: start above budget, prune down on a cubic schedule, never add
+  GainOverCost,        ///< rankwise's resolution: move a rank only while its predicted gain beats its cost
+};
+
+/// How the gain-over-cost allocator predicts what one more rank would bring a module.
+enum class GainEstimate {
+  Trial,      ///< a trial rank per module, warm-started and trained for trial_steps, then its drop cost
+  Curvature,  ///< sigma_1^2 / (2 h) from the residual gradient and the module's curvature (no trial)
 };
 
 struct RankAllocatorOptions {
@@ -74,6 +82,26 @@ struct RankAllocatorOptions {
   long final_steps = 0;
   /// Prune-only: pruning happens every prune_interval steps (AdaLoRA's deltaT), >= 1.
   long prune_interval = 1;
+  /// Gain-over-cost: a rank moves only when the predicted gain of the receiver's next rank is at
+  /// least gain_ratio times the drop cost of what pays for it (> 0).
+  double gain_ratio = 1.5;
+  /// Gain-over-cost: ranks younger than this many steps are never pruned (-1: 2 * recovery_steps,
+  /// so a rank added at one round survives the next).
+  long min_rank_age = -1;
+  /// Gain-over-cost: columns of the gradient sketch per module (>= 1; capped at min(in, out)).
+  Index probe_rank = 8;
+  /// Gain-over-cost: training steps per sketch pass; two passes end at each round (0: recovery_steps / 4,
+  /// at least 1).
+  long probe_steps = 0;
+  /// Gain-over-cost: at most this many moves per round (0 = no limit).
+  Index max_moves_per_round = 0;
+  /// Gain-over-cost: new ranks start along the top directions of the residual gradient (rows of A
+  /// along its right singular vectors, B zero); false draws them like A's init, as the paper does.
+  bool warm_start = true;
+  /// Gain-over-cost: how the gain of one more rank is predicted.
+  GainEstimate gain_estimate = GainEstimate::Trial;
+  /// Gain-over-cost with trials: steps a trial rank trains before the round (0: recovery_steps / 2).
+  long trial_steps = 0;
 };
 
 /// The paper's schedule in steps: K1 = one epoch, K2 = a quarter epoch, N_A = 8.
@@ -84,6 +112,22 @@ inline RankAllocatorOptions paper_schedule(long steps_per_epoch) {
   options.warmup_steps = steps_per_epoch;
   options.recovery_steps = std::max(1L, steps_per_epoch / 4);
   options.rounds = 8;
+  return options;
+}
+
+/// Gain-over-cost defaults for a run of `total_steps` optimizer steps: the first round after a fifth
+/// of the run (K1 = T / 5), four rounds an eighth of the run apart (K2 = T / 8), so that the last round
+/// leaves two fifths of the run for the new ranks to learn; each round's two sketch passes take the
+/// K2 / 4 steps before it each. Needs total_steps >= 8.
+inline RankAllocatorOptions gain_over_cost_schedule(long total_steps) {
+  if (total_steps < 8)
+    detail::fail("rankwise::gain_over_cost_schedule", "total_steps must be >= 8 (got ", total_steps, ")");
+  RankAllocatorOptions options;
+  options.policy = AllocationPolicy::GainOverCost;
+  options.warmup_steps = total_steps / 5;
+  options.recovery_steps = total_steps / 8;
+  options.rounds = 4;
+  options.total_steps = total_steps;
   return options;
 }
 
@@ -271,6 +315,10 @@ struct AllocationEvent {
   std::vector<double> mean_scores; ///< per module, before the round
   std::vector<Index> ranks_after;  ///< per module
   Index used_after = 0;            ///< budget units held after the event
+  /// Pruned ranks that had been added at the previous successful round (oscillation).
+  Index pruned_recent = 0;
+  /// Gain-over-cost: per module, the predicted gain of one more rank (nats; NaN when unknown).
+  std::vector<double> predicted_gains;
 };
 
 template <FloatScalar Scalar>
@@ -284,7 +332,10 @@ class RankAllocator {
                 const RankAllocatorOptions& options, Random& rng)
       : m_modules(std::move(modules)), m_estimator(&estimator), m_options(options), m_rng(rng.fork()) {
     validate();
-    for (const RankModule<Scalar>& m : m_modules) m_initial_ranks.push_back(m.rank());
+    for (const RankModule<Scalar>& m : m_modules) {
+      m_initial_ranks.push_back(m.rank());
+      m_births.emplace_back(static_cast<std::size_t>(m.rank()), 0L);
+    }
     m_start = used();
     m_next_due = m_options.warmup_steps;
     m_message = "no round has run yet";
@@ -316,6 +367,7 @@ class RankAllocator {
       if (m_step < m_next_due) return Status::Ok;
       return attempt(budget(), /*reallocate=*/true);
     }
+    if (m_options.policy == AllocationPolicy::GainOverCost) return gain_step();
     return prune_only_step();
   }
 
@@ -334,12 +386,12 @@ class RankAllocator {
       m_status = Status::NotApplied;
       std::ostringstream os;
       os << "the allocator never acted: training ended at step " << m_step;
-      if (m_options.policy == AllocationPolicy::PruneAndReallocate)
+      if (m_options.policy != AllocationPolicy::PruneOnly)
         os << " but the first round was due at step " << std::max(1L, m_options.warmup_steps);
       if (m_attempts > 0) os << " (" << m_attempts << " attempt(s) failed: " << last_failure() << ")";
       os << "; the adapters kept their initial ranks";
       m_message = os.str();
-    } else if (m_options.policy == AllocationPolicy::PruneAndReallocate && m_rounds_done < m_options.rounds) {
+    } else if (m_options.policy != AllocationPolicy::PruneOnly && m_rounds_done < m_options.rounds) {
       std::ostringstream os;
       os << "ran " << m_rounds_done << " of " << m_options.rounds << " rounds before training ended at step " << m_step;
       m_message = os.str();
@@ -423,11 +475,14 @@ class RankAllocator {
     std::vector<Index> initial_ranks;
     std::vector<AllocationEvent> events;
     Random::Snapshot rng;
+    /// Per module, the step at which each current rank was added (0: from the start); empty = all 0.
+    std::vector<std::vector<long>> births;
+    long last_round_step = 0;
   };
   Progress progress() const {
     return {m_step,    m_next_due, m_rounds_done, m_attempts, m_done,          m_acted,         m_finished,
             m_status,  m_message,  m_budget,      m_start,    m_ranks_per_round, m_initial_ranks, m_events,
-            m_rng.snapshot()};
+            m_rng.snapshot(), m_births, m_last_round_step};
   }
   void restore(Progress p) {
     if (p.initial_ranks.size() != m_modules.size())
@@ -450,7 +505,21 @@ class RankAllocator {
     m_initial_ranks = std::move(p.initial_ranks);
     m_events = std::move(p.events);
     m_rng.restore(p.rng);
+    m_last_round_step = p.last_round_step;
+    m_births.assign(m_modules.size(), {});
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      const std::size_t r = static_cast<std::size_t>(m_modules[m].rank());
+      if (m < p.births.size() && p.births[m].size() == r)
+        m_births[m] = p.births[m];
+      else
+        m_births[m].assign(r, 0L);
+    }
+    m_probe_phase = 0;  // a sketch in progress is not saved: the next round sketches afresh
+    disarm_probes();
   }
+
+  /// Per module, the step at which each current rank was added (0: present from the start).
+  const std::vector<std::vector<long>>& rank_births() const { return m_births; }
   const std::vector<RankModule<Scalar>>& modules() const { return m_modules; }
   const RankAllocatorOptions& options() const { return m_options; }
 
@@ -529,9 +598,10 @@ class RankAllocator {
   void validate() {
     const RankAllocatorOptions& o = m_options;
     if (m_modules.empty()) detail::fail(where, "needs at least one module (got none)");
-    if (o.policy != AllocationPolicy::PruneAndReallocate && o.policy != AllocationPolicy::PruneOnly)
-      detail::fail(where, "policy must be PruneAndReallocate or PruneOnly (got enum value ", static_cast<int>(o.policy),
-                   ")");
+    if (o.policy != AllocationPolicy::PruneAndReallocate && o.policy != AllocationPolicy::PruneOnly &&
+        o.policy != AllocationPolicy::GainOverCost)
+      detail::fail(where, "policy must be PruneAndReallocate, PruneOnly or GainOverCost (got enum value ",
+                   static_cast<int>(o.policy), ")");
     if (o.budget_unit != BudgetUnit::Ranks && o.budget_unit != BudgetUnit::Parameters)
       detail::fail(where, "budget_unit must be Ranks or Parameters (got enum value ", static_cast<int>(o.budget_unit),
                    ")");
@@ -552,7 +622,34 @@ class RankAllocator {
                    o.budget ? ")" : ", what the modules hold)");
     if (o.warmup_steps < 0) detail::fail(where, "warmup_steps must be >= 0 (got ", o.warmup_steps, ")");
     if (o.total_steps < 0) detail::fail(where, "total_steps must be >= 0 (got ", o.total_steps, ")");
-    if (o.policy == AllocationPolicy::PruneAndReallocate) {
+    if (o.policy == AllocationPolicy::GainOverCost) {
+      if (held > m_budget)
+        detail::fail(where, "the modules hold ", held, " ", unit_name(), ", above the budget of ", m_budget,
+                     "; gain-over-cost starts at or below its budget (see uniform_ranks())");
+      if (o.warmup_steps < 1) detail::fail(where, "warmup_steps (K1) must be >= 1 (got ", o.warmup_steps, ")");
+      if (o.recovery_steps < 1) detail::fail(where, "recovery_steps (K2) must be >= 1 (got ", o.recovery_steps, ")");
+      if (o.rounds < 1) detail::fail(where, "rounds must be >= 1 (got ", o.rounds, ")");
+      if (!(o.gain_ratio > 0.0) || !std::isfinite(o.gain_ratio))
+        detail::fail(where, "gain_ratio must be finite and > 0 (got ", o.gain_ratio, ")");
+      if (o.min_rank_age < -1) detail::fail(where, "min_rank_age must be >= 0, or -1 for 2 * recovery_steps (got ",
+                                            o.min_rank_age, ")");
+      if (o.probe_rank < 1) detail::fail(where, "probe_rank must be >= 1 (got ", o.probe_rank, ")");
+      if (o.probe_steps < 0) detail::fail(where, "probe_steps must be >= 0 (got ", o.probe_steps, ")");
+      if (o.trial_steps < 0) detail::fail(where, "trial_steps must be >= 0 (got ", o.trial_steps, ")");
+      if (o.gain_estimate != GainEstimate::Trial && o.gain_estimate != GainEstimate::Curvature)
+        detail::fail(where, "gain_estimate must be Trial or Curvature (got enum value ",
+                     static_cast<int>(o.gain_estimate), ")");
+      if (o.max_moves_per_round < 0)
+        detail::fail(where, "max_moves_per_round must be >= 0 (got ", o.max_moves_per_round, ")");
+      for (const RankModule<Scalar>& m : m_modules)
+        if (!m.supports_gradient_probe())
+          detail::fail(where, "gain-over-cost needs adapters with a gradient probe (LoRA); '", m.path(),
+                       "' has none");
+      const long last = o.warmup_steps + (o.rounds - 1) * o.recovery_steps;
+      if (o.total_steps > 0 && last > o.total_steps)
+        detail::fail(where, "the schedule does not fit: round ", o.rounds, " is due at step ", last,
+                     " but total_steps is ", o.total_steps, "; lower warmup_steps, recovery_steps or rounds");
+    } else if (o.policy == AllocationPolicy::PruneAndReallocate) {
       if (held > m_budget)
         detail::fail(where, "the modules hold ", held, " ", unit_name(), ", above the budget of ", m_budget,
                      "; prune-and-reallocate starts at or below its budget (see uniform_ranks())");
@@ -606,6 +703,370 @@ class RankAllocator {
     return s;
   }
 
+  // --- gain over cost ---------------------------------------------------------------------------
+  long probe_window() const {
+    return m_options.probe_steps > 0 ? m_options.probe_steps : std::max(1L, m_options.recovery_steps / 4);
+  }
+  long min_rank_age() const {
+    return m_options.min_rank_age >= 0 ? m_options.min_rank_age : 2 * m_options.recovery_steps;
+  }
+
+  /// Orthonormal bases of the row space of A (in x r) and the column space of B (out x r), in double.
+  std::pair<Matrix<double>, Matrix<double>> factor_bases(RankModule<Scalar>& m) {
+    const std::vector<RankSlice<Scalar>> slices = m.rank_slices();
+    Matrix<double> qa(m.in_features(), 0), qb(m.out_features(), 0);
+    for (const RankSlice<Scalar>& sl : slices) {
+      const Matrix<double> v = sl.parameter->value.template cast<double>();
+      if (sl.axis == Axis::Rows && v.cols() == m.in_features()) qa = orthonormal_basis(v.transpose());
+      if (sl.axis == Axis::Cols && v.rows() == m.out_features()) qb = orthonormal_basis(v);
+    }
+    return {qa, qb};
+  }
+
+  void disarm_probes() {
+    for (RankModule<Scalar>& m : m_modules)
+      if (m.supports_gradient_probe()) m.disarm_gradient_probe();
+  }
+
+  /// First pass: Omega random, off the row space of A; each module sums G Omega.
+  void arm_first_pass() {
+    m_probe_q.assign(m_modules.size(), Matrix<double>());
+    for (RankModule<Scalar>& m : m_modules) {
+      const Index k = std::min(m_options.probe_rank, std::min(m.in_features(), m.out_features()));
+      Matrix<double> omega(m.in_features(), k);
+      for (Index j = 0; j < k; ++j)
+        for (Index i = 0; i < m.in_features(); ++i) omega(i, j) = m_rng.normal();
+      project_off(omega, factor_bases(m).first);
+      m.arm_gradient_probe(omega.template cast<Scalar>(), Matrix<Scalar>());
+    }
+  }
+
+  /// Second pass: Q = the range of (I - P_B) G Omega; each module sums Q^T G.
+  void arm_second_pass() {
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      RankModule<Scalar>& module = m_modules[m];
+      Matrix<double> y = module.probe_right().template cast<double>();
+      project_off(y, factor_bases(module).second);
+      m_probe_q[m] = orthonormal_basis(y, 1e-6);
+      module.arm_gradient_probe(Matrix<Scalar>(), m_probe_q[m].template cast<Scalar>());
+    }
+  }
+
+  long trial_window() const {
+    return m_options.trial_steps > 0 ? m_options.trial_steps : std::max(1L, m_options.recovery_steps / 2);
+  }
+
+  /// Trials: one sketch pass (Psi^T G, Psi off the columns of B), then one trial rank per module along
+  /// the top right singular vector of the residual, trained for trial_window() steps, then the round.
+  Status trial_step() {
+    const long w = probe_window(), t = trial_window();
+    if (m_probe_phase == 0) {
+      if (m_step < m_next_due - w - t) return Status::Ok;
+      for (RankModule<Scalar>& m : m_modules) {
+        const Index k = std::min(m_options.probe_rank, std::min(m.in_features(), m.out_features()));
+        Matrix<double> psi(m.out_features(), k);
+        for (Index j = 0; j < k; ++j)
+          for (Index i = 0; i < m.out_features(); ++i) psi(i, j) = m_rng.normal();
+        project_off(psi, factor_bases(m).second);
+        m.arm_gradient_probe(Matrix<Scalar>(), psi.template cast<Scalar>());
+      }
+      m_probe_phase = 1;
+      m_probe_start = m_step;
+      return Status::Ok;
+    }
+    if (m_probe_phase == 1) {
+      if (m_step < m_probe_start + w) return Status::Ok;
+      const std::vector<ResidualSpectrum> spectra = residual_spectra();
+      disarm_probes();
+      m_trial.assign(m_modules.size(), 0);
+      for (std::size_t m = 0; m < m_modules.size(); ++m) {
+        RankModule<Scalar>& module = m_modules[m];
+        if (module.rank() >= module.max_rank()) continue;
+        if (m_options.warm_start && spectra[m].directions.cols() > 0 && !spectra[m].sigma.empty() &&
+            spectra[m].sigma.front() > 0.0) {
+          const Matrix<double> row = row_norm(module) * spectra[m].directions.leftCols(1).transpose();
+          notify(module.add_ranks_with_rows(row.template cast<Scalar>()));
+        } else {
+          notify(module.add_ranks(1, m_rng));
+        }
+        m_births[m].push_back(m_step);
+        m_trial[m] = 1;
+      }
+      m_probe_phase = 2;
+      m_probe_start = m_step;
+      return Status::Ok;
+    }
+    if (m_step < m_probe_start + t) return Status::Ok;
+    m_probe_phase = 0;
+    return trial_round();
+  }
+
+  /// Removes every trial rank (a failed round leaves the modules as they were before the trials).
+  void drop_trials() {
+    for (std::size_t m = 0; m < m_trial.size(); ++m)
+      if (m_trial[m]) remove_from(m, {m_modules[m].rank() - 1});
+    m_trial.assign(m_modules.size(), 0);
+  }
+
+  Status trial_round() {
+    detail::check_scorable(where, std::span<RankModule<Scalar>>(m_modules));
+    ++m_attempts;
+    AllocationEvent event;
+    event.round = m_attempts;
+    event.step = m_step;
+    event.target = m_budget;
+    ImportanceScores scored;
+    try {
+      scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
+    } catch (...) {
+      drop_trials();
+      m_next_due = m_step + std::max(1L, m_options.recovery_steps);
+      throw;
+    }
+    event.loss = scored.loss;
+    if (scored.status != Status::Ok) {
+      drop_trials();
+      return fail_round(std::move(event), scored.status, scored.message);
+    }
+    if (scored.drop_costs.size() != m_modules.size()) {
+      drop_trials();
+      detail::fail<StateError>(where, "gain-over-cost needs drop costs (AblationImportance); the estimator '",
+                               m_estimator->name(), "' gives none");
+    }
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      for (double c : scored.drop_costs[m])
+        if (!std::isfinite(c) || Index(scored.drop_costs[m].size()) != m_modules[m].rank()) {
+          drop_trials();
+          return fail_round(std::move(event), Status::NonFinite,
+                            std::string("[rankwise::RankAllocator] a drop cost of '") + m_modules[m].path() +
+                                "' is not finite; nothing was changed");
+        }
+    std::vector<GainCostModule> plan_in(m_modules.size());
+    event.predicted_gains.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
+    const long age = min_rank_age();
+    Index used_existing = 0;
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      GainCostModule& g = plan_in[m];
+      const Index trial = m_trial[m] ? 1 : 0;
+      g.rank = m_modules[m].rank() - trial;
+      g.max_rank = m_modules[m].max_rank();
+      g.unit_cost = unit_cost(m_modules[m]);
+      used_existing += g.rank * g.unit_cost;
+      g.drop_costs.assign(scored.drop_costs[m].begin(), scored.drop_costs[m].begin() + g.rank);
+      g.protected_rank.resize(static_cast<std::size_t>(g.rank));
+      for (Index i = 0; i < g.rank; ++i)
+        g.protected_rank[static_cast<std::size_t>(i)] = m_births[m][static_cast<std::size_t>(i)] > 0 &&
+                                                        m_step - m_births[m][static_cast<std::size_t>(i)] < age;
+      if (trial) {
+        const double gain = scored.drop_costs[m][static_cast<std::size_t>(g.rank)];
+        event.predicted_gains[m] = gain;
+        if (gain > 0.0) g.gains.push_back(gain);
+      }
+    }
+    const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used_existing), m_options.gain_ratio,
+                                     m_options.max_moves_per_round);
+    event.pruned_recent = count_recent(plan.remove);
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      for (Index i : plan.remove[m])
+        event.pruned.push_back({Index(m), i, scored.drop_costs[m][static_cast<std::size_t>(i)]});
+    std::sort(event.pruned.begin(), event.pruned.end(),
+              [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      std::vector<Index> remove = plan.remove[m];
+      if (m_trial[m] && plan.add[m] == 0) remove.push_back(m_modules[m].rank() - 1);  // the trial goes
+      if (m_trial[m] && plan.add[m] > 0) m_births[m].back() = m_step;               // the trial stays
+      if (!remove.empty()) remove_from(m, remove);
+    }
+    m_trial.assign(m_modules.size(), 0);
+    event.added = plan.add;
+    event.mean_scores.assign(m_modules.size(), -std::numeric_limits<double>::infinity());
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      if (plan_in[m].rank > 0) {
+        double sum = 0.0;
+        for (double c : plan_in[m].drop_costs) sum += c;
+        event.mean_scores[m] = sum / double(plan_in[m].rank);
+      }
+    return finish_gain_round(std::move(event), !plan.moves.empty());
+  }
+
+  Status finish_gain_round(AllocationEvent event, bool moved) {
+    event.ranks_after = ranks();
+    event.used_after = used();
+    RANKWISE_ASSERT(event.used_after <= m_budget, "RankAllocator: a gain-over-cost round exceeded the budget");
+    m_events.push_back(std::move(event));
+    m_last_round_step = m_step;
+    ++m_rounds_done;
+    m_acted = moved;
+    m_status = Status::Ok;
+    std::ostringstream os;
+    os << "ran " << m_rounds_done << " round(s), last at step " << m_step;
+    m_message = os.str();
+    m_next_due = m_step + m_options.recovery_steps;
+    if (m_rounds_done >= m_options.rounds) m_done = true;
+    return Status::Ok;
+  }
+
+  Status gain_step() {
+    if (m_options.gain_estimate == GainEstimate::Trial) return trial_step();
+    const long w = probe_window();
+    if (m_probe_phase == 0) {
+      if (m_step < m_next_due - 2 * w) return Status::Ok;
+      arm_first_pass();
+      m_probe_phase = 1;
+      m_probe_start = m_step;
+      return Status::Ok;
+    }
+    if (m_step < m_probe_start + w) return Status::Ok;
+    if (m_probe_phase == 1) {
+      arm_second_pass();
+      m_probe_phase = 2;
+      m_probe_start = m_step;
+      return Status::Ok;
+    }
+    m_probe_phase = 0;
+    return gain_round();
+  }
+
+  /// The residual spectrum of every module from the second pass (its sums averaged per batch).
+  std::vector<ResidualSpectrum> residual_spectra() {
+    std::vector<ResidualSpectrum> spectra(m_modules.size());
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      RankModule<Scalar>& module = m_modules[m];
+      const long batches = module.probe_batches();
+      Matrix<double> z = module.probe_left().template cast<double>();
+      if (batches > 0) z /= double(batches);
+      // rows of z live in the input space: take off what the current ranks of A already span.
+      Matrix<double> zt = z.transpose();
+      project_off(zt, factor_bases(module).first);
+      spectra[m] = residual_spectrum(zt.transpose());
+      if (batches == 0) spectra[m].sigma.assign(spectra[m].sigma.size(), 0.0);
+    }
+    return spectra;
+  }
+
+  /// ||Delta W_i||^2 of every rank: (s g_i ||B[:, i]|| ||A[i, :]||)^2.
+  std::vector<double> delta_norms2(RankModule<Scalar>& m) {
+    const Index r = m.rank();
+    std::vector<double> d(static_cast<std::size_t>(r), 0.0);
+    const Parameter<Scalar>* a = nullptr;
+    const Parameter<Scalar>* b = nullptr;
+    for (const RankSlice<Scalar>& sl : m.rank_slices()) (sl.axis == Axis::Rows ? a : b) = sl.parameter;
+    if (!a || !b) return d;
+    for (Index i = 0; i < r; ++i) {
+      const double v = m.scale() * m.gate(i) * double(b->value.col(i).norm()) * double(a->value.row(i).norm());
+      d[static_cast<std::size_t>(i)] = v * v;
+    }
+    return d;
+  }
+
+  /// The typical norm of a row of A in module m (new warm-started rows get it).
+  double row_norm(RankModule<Scalar>& m) {
+    for (const RankSlice<Scalar>& sl : m.rank_slices())
+      if (sl.axis == Axis::Rows && sl.parameter->value.rows() > 0)
+        return double(sl.parameter->value.rowwise().norm().mean());
+    return 1.0 / std::sqrt(3.0);  // the norm of a row drawn U(+-1/sqrt(in)), LoRA's init
+  }
+
+  Status gain_round() {
+    detail::check_scorable(where, std::span<RankModule<Scalar>>(m_modules));
+    const std::vector<ResidualSpectrum> spectra = residual_spectra();
+    disarm_probes();
+    ++m_attempts;
+    AllocationEvent event;
+    event.round = m_attempts;
+    event.step = m_step;
+    event.target = m_budget;
+    ImportanceScores scored;
+    try {
+      scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
+    } catch (...) {
+      m_next_due = m_step + std::max(1L, m_options.recovery_steps);
+      throw;
+    }
+    event.loss = scored.loss;
+    if (scored.status != Status::Ok) return fail_round(std::move(event), scored.status, scored.message);
+    if (scored.drop_costs.size() != m_modules.size())
+      detail::fail<StateError>(where, "gain-over-cost needs drop costs (AblationImportance); the estimator '",
+                               m_estimator->name(), "' gives none");
+    std::vector<std::vector<double>> norms;
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      if (Index(scored.drop_costs[m].size()) != m_modules[m].rank())
+        detail::fail<StateError>(where, "the estimator '", m_estimator->name(), "' returned ",
+                                 scored.drop_costs[m].size(), " drop costs for '", m_modules[m].path(), "' of rank ",
+                                 m_modules[m].rank());
+      for (double c : scored.drop_costs[m])
+        if (!std::isfinite(c))
+          return fail_round(std::move(event), Status::NonFinite,
+                            std::string("[rankwise::RankAllocator] a drop cost of '") + m_modules[m].path() +
+                                "' is not finite; nothing was changed");
+      norms.push_back(delta_norms2(m_modules[m]));
+    }
+    const std::vector<double> h = module_curvatures(scored.drop_costs, norms);
+    std::vector<GainCostModule> plan_in(m_modules.size());
+    event.predicted_gains.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
+    const long age = min_rank_age();
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      GainCostModule& g = plan_in[m];
+      g.rank = m_modules[m].rank();
+      g.max_rank = m_modules[m].max_rank();
+      g.unit_cost = unit_cost(m_modules[m]);
+      g.drop_costs = scored.drop_costs[m];
+      g.protected_rank.resize(static_cast<std::size_t>(g.rank));
+      for (Index i = 0; i < g.rank; ++i)
+        g.protected_rank[static_cast<std::size_t>(i)] = m_births[m][static_cast<std::size_t>(i)] > 0 &&
+                                                        m_step - m_births[m][static_cast<std::size_t>(i)] < age;
+      if (h[m] > 0.0)
+        for (double sigma : spectra[m].sigma) g.gains.push_back(sigma * sigma / (2.0 * h[m]));
+      if (!g.gains.empty()) event.predicted_gains[m] = g.gains.front();
+    }
+    const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used()), m_options.gain_ratio,
+                                     m_options.max_moves_per_round);
+    event.pruned_recent = count_recent(plan.remove);
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      for (Index i : plan.remove[m])
+        event.pruned.push_back({Index(m), i, scored.drop_costs[m][static_cast<std::size_t>(i)]});
+    std::sort(event.pruned.begin(), event.pruned.end(),
+              [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      if (!plan.remove[m].empty()) remove_from(m, plan.remove[m]);
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      const Index k = plan.add[m];
+      if (k == 0) continue;
+      RankModule<Scalar>& module = m_modules[m];
+      const ResidualSpectrum& sp = spectra[m];
+      const Index warm = m_options.warm_start ? std::min<Index>(k, sp.directions.cols()) : 0;
+      if (warm > 0) {
+        const double norm = row_norm(module);
+        const Matrix<double> rows = norm * sp.directions.leftCols(warm).transpose();
+        notify(module.add_ranks_with_rows(rows.template cast<Scalar>()));
+      }
+      if (k > warm) notify(module.add_ranks(k - warm, m_rng));
+      m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(k), m_step);
+    }
+    event.added = plan.add;
+    event.mean_scores.assign(m_modules.size(), 0.0);
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      double sum = 0.0;
+      for (double c : scored.drop_costs[m]) sum += c;
+      event.mean_scores[m] = scored.drop_costs[m].empty() ? -std::numeric_limits<double>::infinity()
+                                                          : sum / double(scored.drop_costs[m].size());
+    }
+    event.ranks_after = ranks();
+    event.used_after = used();
+    RANKWISE_ASSERT(event.used_after <= m_budget, "RankAllocator: a gain-over-cost round exceeded the budget");
+    m_events.push_back(std::move(event));
+    m_last_round_step = m_step;
+    ++m_rounds_done;
+    m_acted = !plan.moves.empty();
+    m_status = Status::Ok;
+    std::ostringstream os;
+    os << "ran " << m_rounds_done << " round(s), last at step " << m_step;
+    m_message = os.str();
+    m_next_due = m_step + m_options.recovery_steps;
+    if (m_rounds_done >= m_options.rounds) m_done = true;
+    return Status::Ok;
+  }
+
   std::vector<ModuleCapacity> capacities() const {
     std::vector<ModuleCapacity> caps;
     for (const RankModule<Scalar>& m : m_modules) caps.push_back({m.rank(), m.max_rank(), unit_cost(m)});
@@ -657,7 +1118,9 @@ class RankAllocator {
     const std::vector<ModuleCapacity> caps = capacities();
     RoundPlan plan = reallocate ? plan_reallocation(scored.scores, caps, std::min(m_ranks_per_round, total_ranks()))
                                 : plan_pruning(scored.scores, caps, used() - target);
+    event.pruned_recent = count_recent(plan.remove);
     apply(plan);
+    m_last_round_step = m_step;
     event.pruned = std::move(plan.pruned);
     event.added = std::move(plan.add);
     event.mean_scores = std::move(plan.mean_scores);
@@ -681,9 +1144,30 @@ class RankAllocator {
   /// The adapters act, the estimator and the followers follow: removals first, then additions.
   void apply(const RoundPlan& plan) {
     for (std::size_t m = 0; m < m_modules.size(); ++m)
-      if (!plan.remove[m].empty()) notify(m_modules[m].remove_ranks(plan.remove[m]));
+      if (!plan.remove[m].empty()) remove_from(m, plan.remove[m]);
     for (std::size_t m = 0; m < m_modules.size(); ++m)
-      if (plan.add[m] > 0) notify(m_modules[m].add_ranks(plan.add[m], m_rng));
+      if (plan.add[m] > 0) {
+        notify(m_modules[m].add_ranks(plan.add[m], m_rng));
+        m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(plan.add[m]), m_step);
+      }
+  }
+
+  void remove_from(std::size_t m, const std::vector<Index>& indices) {
+    notify(m_modules[m].remove_ranks(indices));
+    std::vector<long> kept;
+    for (std::size_t i = 0; i < m_births[m].size(); ++i)
+      if (!std::binary_search(indices.begin(), indices.end(), Index(i))) kept.push_back(m_births[m][i]);
+    m_births[m] = std::move(kept);
+  }
+
+  /// How many of the ranks to remove were added at the previous successful round.
+  Index count_recent(const std::vector<std::vector<Index>>& remove) const {
+    if (m_last_round_step <= 0) return 0;
+    Index n = 0;
+    for (std::size_t m = 0; m < remove.size(); ++m)
+      for (Index i : remove[m])
+        if (m_births[m][static_cast<std::size_t>(i)] == m_last_round_step) ++n;
+    return n;
   }
 
   void notify(const RankChange& change) {
@@ -697,6 +1181,13 @@ class RankAllocator {
   Random m_rng;
   std::vector<Follower> m_followers;
   std::vector<Index> m_initial_ranks;
+  std::vector<std::vector<long>> m_births;
+  long m_last_round_step = 0;
+  // Gain-over-cost: 0 idle, 1 first sketch pass (G Omega), 2 second pass (Q^T G) running since m_probe_start.
+  int m_probe_phase = 0;
+  std::vector<char> m_trial;  // per module: holds a trial rank (its last) until the round
+  long m_probe_start = 0;
+  std::vector<Matrix<double>> m_probe_q;  // per module: the orthonormal range of the first pass
   std::vector<AllocationEvent> m_events;
   Index m_budget = 0;
   Index m_start = 0;  // budget units held at construction (prune-only: b(0))

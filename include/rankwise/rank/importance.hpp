@@ -38,6 +38,9 @@ struct ImportanceScores {
   Status status = Status::Ok;
   std::string message;                      ///< why, when status is not Ok
   std::vector<std::vector<double>> scores;  ///< scores[m][i]: rank i of module m (empty when not Ok)
+  /// Ablation only: drop_costs[m][i] = CE(M without rank i of module m) - CE(M), the loss the model
+  /// loses when that one rank goes (the gain-over-cost allocator compares it with predicted gains).
+  std::vector<std::vector<double>> drop_costs;
   double loss = std::numeric_limits<double>::quiet_NaN();  ///< CE(M) on the batch (ablation only)
   long full_evaluations = 0;     ///< calls of the whole validation evaluation
   long partial_evaluations = 0;  ///< evaluations that started at a module's stage (upstream cache)
@@ -132,6 +135,9 @@ enum class AblationScope {
 
 struct AblationImportanceOptions {
   AblationScope scope = AblationScope::Network;
+  /// Only the leave-one-out half: score = drop cost = CE(M without r) - CE(M), R + 1 evaluations
+  /// instead of 2 R + 1 (what the gain-over-cost allocator needs; not the paper's score).
+  bool leave_one_out = false;
   /// Called after every evaluation with (evaluations done, evaluations in this round).
   std::function<void(long done, long total)> progress = {};
 };
@@ -190,8 +196,8 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
     ImportanceScores result;
     Index ranks = 0;
     for (const RankModule<Scalar>& m : modules) ranks += m.rank();
-    m_total = 2 * long(ranks) + 1;
-    if (m_use_stages && m_options.scope == AblationScope::Network) m_total += 1;
+    m_total = (m_options.leave_one_out ? 1 : 2) * long(ranks) + 1;
+    if (m_use_stages && m_options.scope == AblationScope::Network && !m_options.leave_one_out) m_total += 1;
     m_done = 0;
     std::vector<std::vector<double>> without(modules.size()), only(modules.size());
     for (std::size_t m = 0; m < modules.size(); ++m) {
@@ -207,7 +213,7 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
                                        : run(result, [&] { return m_evaluate(); }, true);
       if (!finite_or_report(full, label, result)) return result;
       result.loss = full;
-      if (m_use_stages && m_options.scope == AblationScope::Network) {
+      if (m_use_stages && m_options.scope == AblationScope::Network && !m_options.leave_one_out) {
         for (std::size_t m = 0; m < modules.size(); ++m) guard.zero_module(m);
         label = "the base model (every rank zeroed)";
         const double base = run(result, [&] { return m_staged.capture(1); }, true);
@@ -227,9 +233,9 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
       }
       // M with only r: r's gate on, the others off (network-wide or within r's module).
       const bool network = m_options.scope == AblationScope::Network;
-      if (network)
+      if (network && !m_options.leave_one_out)
         for (std::size_t m = 0; m < modules.size(); ++m) guard.zero_module(m);
-      for (std::size_t m = 0; m < modules.size(); ++m) {
+      for (std::size_t m = 0; m < modules.size() && !m_options.leave_one_out; ++m) {
         if (!network) guard.zero_module(m);
         for (Index i = 0; i < modules[m].rank(); ++i) {
           label = describe("M with only rank", i, modules[m]);
@@ -250,9 +256,14 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
       std::throw_with_nested(Error(os.str()));
     }
     result.scores.resize(modules.size());
+    result.drop_costs.resize(modules.size());
     for (std::size_t m = 0; m < modules.size(); ++m) {
       result.scores[m].resize(without[m].size());
-      for (std::size_t i = 0; i < without[m].size(); ++i) result.scores[m][i] = without[m][i] - only[m][i];
+      result.drop_costs[m].resize(without[m].size());
+      for (std::size_t i = 0; i < without[m].size(); ++i) {
+        result.drop_costs[m][i] = without[m][i] - result.loss;
+        result.scores[m][i] = m_options.leave_one_out ? result.drop_costs[m][i] : without[m][i] - only[m][i];
+      }
     }
     return result;
   }

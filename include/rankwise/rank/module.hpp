@@ -76,6 +76,19 @@ class RankModule {
   std::vector<RankSlice<Scalar>> rank_slices() { return m_self->rank_slices(); }
 
   /// True when both handles refer to the same adapter object.
+  /// The gradient probe of the frozen weight (LoRA::arm_gradient_probe), for gain estimates; adapters
+  /// without one report false and the calls below throw StateError.
+  bool supports_gradient_probe() const { return m_self->supports_gradient_probe(); }
+  void arm_gradient_probe(Matrix<Scalar> right, Matrix<Scalar> left) {
+    m_self->arm_gradient_probe(std::move(right), std::move(left));
+  }
+  void disarm_gradient_probe() { m_self->disarm_gradient_probe(); }
+  const Matrix<Scalar>& probe_right() const { return m_self->probe_right(); }
+  const Matrix<Scalar>& probe_left() const { return m_self->probe_left(); }
+  long probe_batches() const { return m_self->probe_batches(); }
+  /// New ranks whose rows of A are given (k x in), B's columns zero: the function is unchanged.
+  RankChange add_ranks_with_rows(const Matrix<Scalar>& rows) { return m_self->add_ranks_with_rows(rows); }
+
   bool same_adapter(const RankModule& other) const { return m_self->address() == other.m_self->address(); }
 
  private:
@@ -97,6 +110,13 @@ class RankModule {
     virtual std::vector<Parameter<Scalar>*> parameters() = 0;
     virtual std::vector<RankSlice<Scalar>> rank_slices() = 0;
     virtual const void* address() const = 0;
+    virtual bool supports_gradient_probe() const = 0;
+    virtual void arm_gradient_probe(Matrix<Scalar> right, Matrix<Scalar> left) = 0;
+    virtual void disarm_gradient_probe() = 0;
+    virtual const Matrix<Scalar>& probe_right() const = 0;
+    virtual const Matrix<Scalar>& probe_left() const = 0;
+    virtual long probe_batches() const = 0;
+    virtual RankChange add_ranks_with_rows(const Matrix<Scalar>& rows) = 0;
   };
 
   template <typename AdapterType>
@@ -142,6 +162,42 @@ class RankModule {
         return {};
     }
     const void* address() const override { return adapter; }
+
+    static constexpr bool has_probe = requires(AdapterType& a, Matrix<Scalar> m) {
+      a.arm_gradient_probe(m, m);
+      a.disarm_gradient_probe();
+      { a.probe_right() } -> std::convertible_to<const Matrix<Scalar>&>;
+      { a.probe_left() } -> std::convertible_to<const Matrix<Scalar>&>;
+      { a.probe_batches() } -> std::convertible_to<long>;
+      { a.add_ranks_with_rows(m) } -> std::same_as<RankChange>;
+    };
+    [[noreturn]] static void no_probe() {
+      detail::fail<StateError>("rankwise::RankModule", "this adapter has no gradient probe (LoRA has one)");
+    }
+    bool supports_gradient_probe() const override { return has_probe; }
+    void arm_gradient_probe(Matrix<Scalar> right, Matrix<Scalar> left) override {
+      if constexpr (has_probe) adapter->arm_gradient_probe(std::move(right), std::move(left));
+      else no_probe();
+    }
+    void disarm_gradient_probe() override {
+      if constexpr (has_probe) adapter->disarm_gradient_probe();
+    }
+    const Matrix<Scalar>& probe_right() const override {
+      if constexpr (has_probe) return adapter->probe_right();
+      else no_probe();
+    }
+    const Matrix<Scalar>& probe_left() const override {
+      if constexpr (has_probe) return adapter->probe_left();
+      else no_probe();
+    }
+    long probe_batches() const override {
+      if constexpr (has_probe) return adapter->probe_batches();
+      else return 0;
+    }
+    RankChange add_ranks_with_rows(const Matrix<Scalar>& rows) override {
+      if constexpr (has_probe) return adapter->add_ranks_with_rows(rows);
+      else no_probe();
+    }
 
     AdapterType* adapter;
   };

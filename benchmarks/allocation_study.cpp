@@ -1,0 +1,422 @@
+// allocation_study: does rank allocation beat uniform LoRA at the same budget, on configurations it was
+// not tuned to? A family of planted-rank teacher configurations is generated from seeds: for each one,
+// a random planted rank per linear module of the toy transformer (zeros included; modules of
+// different shapes: attention 32 x 32, MLP 32 x 128 and 128 x 32), a budget equal to the planted total
+// or binding below it, and several training seeds. Every configuration and seed runs
+//   lora       uniform LoRA at the budget (every module the same rank)
+//   paper      ALoRA exactly as the paper specifies it (AB-LoRA scores, prune n_A and reallocate)
+//   gain       rankwise's gain-over-cost allocator (docs/rank/alora.md)
+// from the same uniform start, and the program reports every configuration (mean and standard
+// deviation over seeds) and the family: how often and by how much each allocator beats uniform LoRA
+// on the held-out teacher KL, the Spearman correlation of its final ranks with the planted ones, the
+// ranks left on modules planted at rank 0, the share of pruned ranks that had been added at the round
+// before (oscillation) and the allocator's cost as extra wall time over the uniform run.
+// Output: text on stdout, <out>/runs.csv (one row per run) and <out>/summary.md.
+// Run: build/benchmarks/allocation_study [--configs 12] [--seeds 5] [--jobs 2] [--out DIR] (docs/benchmarks.md)
+#include <rankwise/models/base_checkpoint.hpp>
+#include <rankwise/models/finetune.hpp>
+#include <rankwise/models/teacher.hpp>
+#include <rankwise/rankwise.hpp>
+
+#include "bench_context.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using rankwise::Index;
+using rankwise::Random;
+using Model = rankwise::ToyTransformer<float>;
+using Clock = std::chrono::steady_clock;
+
+struct Settings {
+  int configs = 12;
+  int seeds = 5;
+  int first_config = 1;
+  long steps = 400;
+  long pretrain_steps = 1500;
+  Index batch = 32;
+  Index eval_sequences = 256;
+  int jobs = 2;
+  double gain_ratio = 1.5;
+  std::string methods = "lora,paper,gain";
+  std::string out = "allocation_study_output";
+  std::string base;
+  bool quick = false;
+  bool verbose = false;
+};
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> items;
+  std::stringstream in(list);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) items.push_back(item);
+  return items;
+}
+
+// A configuration of the family: planted ranks per module and a budget, from its seed alone.
+struct Configuration {
+  int id = 0;
+  bool binding = false;      // budget below the planted total
+  Index uniform_rank = 0;    // the budget is uniform_rank * modules
+  Index budget = 0;
+  std::vector<rankwise::ModuleRank> plan;  // every module, planted rank 0 included
+};
+
+Configuration make_configuration(int id, const std::vector<std::string>& paths) {
+  Configuration c;
+  c.id = id;
+  Random rng(0xC0F16 + std::uint64_t(id) * 7919);
+  c.binding = id % 2 == 0;
+  c.uniform_rank = rng.uniform_int(2, 3);
+  const Index modules = Index(paths.size());
+  c.budget = c.uniform_rank * modules;
+  // The planted total: the budget, or half as much again when the budget binds.
+  const Index total = c.binding ? c.budget * 3 / 2 : c.budget;
+  std::vector<Index> ranks(paths.size(), 0);
+  std::vector<std::size_t> live;
+  for (std::size_t m = 0; m < paths.size(); ++m)
+    if (rng.uniform() >= 0.4) live.push_back(m);  // about 40 % of the modules need nothing
+  if (live.size() < 2) live = {0, paths.size() - 1};
+  const Index cap = 12;
+  Index sum = 0;
+  for (std::size_t m : live) {
+    ranks[m] = rng.uniform_int(1, 6);
+    sum += ranks[m];
+  }
+  // Adjust one rank at a time on random live modules until the planted total is met.
+  while (sum != total) {
+    const std::size_t m = live[static_cast<std::size_t>(rng.uniform_int(0, Index(live.size()) - 1))];
+    if (sum < total && ranks[m] < cap) {
+      ++ranks[m];
+      ++sum;
+    } else if (sum > total && ranks[m] > 1) {
+      --ranks[m];
+      --sum;
+    }
+  }
+  for (std::size_t m = 0; m < paths.size(); ++m) c.plan.push_back({paths[m], ranks[m]});
+  return c;
+}
+
+struct Run {
+  std::string method;
+  int config = 0;
+  int seed = 0;
+  double kl = NAN;
+  double spearman = NAN;
+  double zero_rank = NAN;  // mean final rank on modules planted at rank 0
+  long pruned = 0, pruned_recent = 0, rounds = 0;
+  double seconds = 0.0;
+  std::string ranks;
+};
+
+rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configuration& c, const Settings& s) {
+  rankwise::FinetuneRecipe r;
+  r.adapter = method == "lora" ? "lora" : "alora";
+  r.rank = c.uniform_rank;
+  r.alpha = 2.0 * double(c.uniform_rank);
+  r.steps = s.steps;
+  r.lr = rankwise::recommended_lr("lora");
+  if (method == "lora") return r;
+  rankwise::RankAllocatorOptions a;
+  if (method == "paper") {
+    a.policy = rankwise::AllocationPolicy::PruneAndReallocate;
+    a.warmup_steps = std::max(1L, s.steps / 5);
+    a.rounds = 4;
+    a.recovery_steps = std::max(1L, s.steps / 10);
+  } else {
+    a = rankwise::gain_over_cost_schedule(s.steps);
+    a.gain_ratio = s.gain_ratio;
+  }
+  r.allocator = a;
+  return r;
+}
+
+std::vector<Run> run_configuration(const Configuration& c, Model& base, const rankwise::TaskOptions& task_options,
+                                   const Settings& s) {
+  Random plant_rng(0x9A4 + std::uint64_t(c.id));
+  std::vector<rankwise::ModuleRank> nonzero;
+  for (const rankwise::ModuleRank& m : c.plan)
+    if (m.rank > 0) nonzero.push_back(m);
+  rankwise::PlantedTeacher<float> teacher(base, nonzero, rankwise::PlantOptions{}, plant_rng);
+  const rankwise::TaskGenerator inputs(rankwise::TaskKind::Mixture, task_options);
+  Random calibration_rng(0xCA11B + std::uint64_t(c.id));
+  teacher.calibrate(inputs.sample(s.batch, calibration_rng));
+  rankwise::TeacherTask<float> task(teacher.model(), inputs);
+  Random held_out_rng(0xE7A1 + std::uint64_t(c.id));
+  const std::vector<rankwise::TeacherBatch<float>> held_out = task.held_out(s.eval_sequences, s.batch, held_out_rng);
+  std::vector<Run> runs;
+  for (int seed = 1; seed <= s.seeds; ++seed) {
+    for (const std::string& method : split(s.methods)) {
+      Random init_rng(1);
+      Model model(base.config(), init_rng);
+      model.copy_parameters_from(base);
+      rankwise::FinetuneRecipe recipe = recipe_for(method, c, s);
+      recipe.seed = std::uint64_t(seed);
+      Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
+      const rankwise::TokenBatch validation = inputs.sample(s.batch, validation_rng);
+      auto loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher.model());
+      rankwise::Finetuner<float> tuner(model, recipe, validation, loss);
+      Random data_rng(std::uint64_t(seed) * 104729 + 3);
+      const auto start = Clock::now();
+      for (long step = 0; step < recipe.steps; ++step) tuner.step(inputs.sample(s.batch, data_rng));
+      tuner.finish();
+      Run r;
+      r.method = method;
+      r.config = c.id;
+      r.seed = seed;
+      r.seconds = seconds_since(start);
+      r.kl = rankwise::evaluate_distillation(model, held_out).mean_kl();
+      if (const rankwise::RankAllocator<float>* allocator = tuner.allocator()) {
+        const std::map<std::string, Index> ranks = allocator->rank_pattern();
+        const rankwise::AllocationComparison cmp = rankwise::compare_allocation(teacher.truth(), ranks);
+        r.spearman = cmp.spearman.value_or(NAN);
+        double zero_sum = 0.0;
+        int zero_n = 0;
+        for (const rankwise::ModuleRank& m : c.plan) {
+          if (m.rank == 0) {
+            zero_sum += double(ranks.at(m.path));
+            ++zero_n;
+          }
+          r.ranks += std::to_string(ranks.at(m.path)) + " ";
+        }
+        r.zero_rank = zero_n ? zero_sum / zero_n : NAN;
+        if (s.verbose && seed == 1) {
+          std::ostringstream os;
+          os << "configuration " << c.id << ", " << method << ", seed 1: planted";
+          for (const rankwise::ModuleRank& m : c.plan) os << ' ' << m.rank;
+          os << "\n" << allocator->format_table() << allocator->format_events();
+          for (const rankwise::AllocationEvent& e : allocator->events()) {
+            os << "  round " << e.round << " drop costs (mean per module) / predicted gain of one more rank:";
+            for (std::size_t m = 0; m < e.mean_scores.size(); ++m) {
+              char cell[64];
+              std::snprintf(cell, sizeof cell, " %.2g/%.2g", e.mean_scores[m],
+                            m < e.predicted_gains.size() ? e.predicted_gains[m] : NAN);
+              os << cell;
+            }
+            os << '\n';
+          }
+          std::printf("%s", os.str().c_str());
+        }
+        for (const rankwise::AllocationEvent& e : allocator->events()) {
+          if (e.status != rankwise::Status::Ok) continue;
+          ++r.rounds;
+          r.pruned += long(e.pruned.size());
+          r.pruned_recent += long(e.pruned_recent);
+        }
+      }
+      runs.push_back(r);
+    }
+  }
+  return runs;
+}
+
+struct Stats {
+  double mean = NAN, sd = NAN;
+  int n = 0;
+};
+
+Stats stats_of(const std::vector<double>& v) {
+  Stats s;
+  double sum = 0.0;
+  for (double x : v)
+    if (std::isfinite(x)) {
+      sum += x;
+      ++s.n;
+    }
+  if (s.n == 0) return s;
+  s.mean = sum / s.n;
+  if (s.n > 1) {
+    double ss = 0.0;
+    for (double x : v)
+      if (std::isfinite(x)) ss += (x - s.mean) * (x - s.mean);
+    s.sd = std::sqrt(ss / (s.n - 1));
+  }
+  return s;
+}
+
+std::string fmt(const Stats& s, int precision = 4) {
+  char buf[64];
+  if (!std::isfinite(s.mean)) return "-";
+  if (std::isfinite(s.sd))
+    std::snprintf(buf, sizeof buf, "%.*f ± %.*f", precision, s.mean, precision, s.sd);
+  else
+    std::snprintf(buf, sizeof buf, "%.*f", precision, s.mean);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Settings s;
+  CLI::App app{"allocation_study: rank allocators against uniform LoRA on a family of planted-rank teachers"};
+  app.add_option("--configs", s.configs, "configurations of the family")->check(CLI::PositiveNumber);
+  app.add_option("--first-config", s.first_config, "id of the first configuration")->check(CLI::PositiveNumber);
+  app.add_option("--seeds", s.seeds, "training seeds per configuration")->check(CLI::PositiveNumber);
+  app.add_option("--steps", s.steps, "fine-tuning steps")->check(CLI::Range(20L, 100000L));
+  app.add_option("--jobs", s.jobs, "configurations run at once, one thread each")->check(CLI::Range(1, 64));
+  app.add_option("--gain-ratio", s.gain_ratio, "gain-over-cost: the gain a move must reach, in drop costs")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--methods", s.methods, "comma-separated: lora, paper, gain");
+  app.add_option("--out", s.out, "results directory");
+  app.add_option("--base", s.base, "cached base directory (default: <out>/base-cache/...)");
+  app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps: a smoke run");
+  app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
+  CLI11_PARSE(app, argc, argv);
+  for (const std::string& m : split(s.methods))
+    if (m != "lora" && m != "paper" && m != "gain") {
+      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain)\n", m.c_str());
+      return 2;
+    }
+  if (s.quick) {
+    s.configs = std::min(s.configs, 2);
+    s.seeds = std::min(s.seeds, 2);
+    s.steps = 120;
+    s.pretrain_steps = 300;
+    s.eval_sequences = 64;
+  }
+  Eigen::setNbThreads(1);
+  const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
+                                           .max_length = 8, .max_digits = 4};
+  const rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = 32, .heads = 4, .layers = 2, .d_ff = 128,
+                                              .max_seq_len = task_options.seq_len};
+  const rankwise::PretrainRecipe pretraining{.task_options = task_options, .steps = s.pretrain_steps,
+                                             .batch = s.batch, .seed = 1};
+  std::printf("allocation_study: rankwise %s; %s; %s; Eigen %s\n", rankwise::version_string,
+              rankwise::bench::cpu_model().c_str(), rankwise::bench::compiler().c_str(),
+              rankwise::bench::eigen_version().c_str());
+  std::printf("model: vocab 128, d_model 32, 4 heads, 2 layers, d_ff 128, sequence 32, batch %ld; %ld pre-training "
+              "steps; %ld fine-tuning steps; configurations %d..%d, %d seed(s) each; %ld held-out sequences; "
+              "gain ratio %.2f; %d job(s)\n",
+              long(s.batch), s.pretrain_steps, s.steps, s.first_config, s.first_config + s.configs - 1, s.seeds,
+              long(s.eval_sequences), s.gain_ratio, s.jobs);
+  std::fflush(stdout);
+  const fs::path out = s.out;
+  fs::create_directories(out);
+  const fs::path base_dir =
+      s.base.empty() ? out / "base-cache" / rankwise::base_checkpoint_name(config, pretraining) : fs::path(s.base);
+  rankwise::PretrainedBase<float> base = rankwise::load_or_pretrain<float>(config, pretraining, base_dir);
+
+  std::vector<std::string> paths;
+  base.model.for_each_slot([&](const std::string& path, rankwise::AnyLinear<float>&) {
+    if (path != "lm_head") paths.push_back(path);
+  });
+  std::vector<Configuration> configurations;
+  for (int i = 0; i < s.configs; ++i) configurations.push_back(make_configuration(s.first_config + i, paths));
+
+  const auto start = Clock::now();
+  std::vector<std::vector<Run>> results(configurations.size());
+  std::atomic<std::size_t> next{0};
+  std::mutex print;
+  std::vector<std::thread> workers;
+  for (int j = 0; j < s.jobs; ++j)
+    workers.emplace_back([&] {
+      for (std::size_t i; (i = next++) < configurations.size();) {
+        results[i] = run_configuration(configurations[i], base.model, task_options, s);
+        std::lock_guard<std::mutex> lock(print);
+        std::printf("  configuration %d done (%.0f s)\n", configurations[i].id, seconds_since(start));
+        std::fflush(stdout);
+      }
+    });
+  for (std::thread& w : workers) w.join();
+
+  std::ofstream csv(out / "runs.csv");
+  csv << "config,binding,budget,seed,method,teacher_kl,spearman,zero_module_rank,rounds,pruned,pruned_recent,seconds,"
+         "final_ranks\n";
+  std::ostringstream md;
+  const std::vector<std::string> methods = split(s.methods);
+  md << "| config | budget | planted ranks |";
+  for (const std::string& m : methods) md << ' ' << m << " KL |";
+  for (const std::string& m : methods)
+    if (m != "lora") md << ' ' << m << " spearman |";
+  md << "\n|---|---|---|";
+  for (std::size_t i = 0; i < methods.size(); ++i) md << "---|";
+  for (const std::string& m : methods)
+    if (m != "lora") md << "---|";
+  md << '\n';
+  // Family statistics of each allocator against uniform LoRA.
+  struct Family {
+    int wins = 0, within_sd = 0, n = 0;
+    std::vector<double> rel, spearman, zero, kl_seconds;
+    long pruned = 0, recent = 0;
+    double seconds = 0.0, lora_seconds = 0.0;
+  };
+  std::map<std::string, Family> family;
+  for (std::size_t i = 0; i < configurations.size(); ++i) {
+    const Configuration& c = configurations[i];
+    std::map<std::string, std::vector<double>> kl, rho;
+    std::map<std::string, double> seconds;
+    for (const Run& r : results[i]) {
+      kl[r.method].push_back(r.kl);
+      rho[r.method].push_back(r.spearman);
+      seconds[r.method] += r.seconds;
+      csv << c.id << ',' << (c.binding ? 1 : 0) << ',' << c.budget << ',' << r.seed << ',' << r.method << ',' << r.kl
+          << ',' << r.spearman << ',' << r.zero_rank << ',' << r.rounds << ',' << r.pruned << ',' << r.pruned_recent
+          << ',' << r.seconds << ',' << r.ranks << '\n';
+    }
+    md << "| " << c.id << " | " << c.budget << (c.binding ? " (binding)" : " (= planted)") << " | ";
+    for (const rankwise::ModuleRank& m : c.plan) md << m.rank << ' ';
+    md << '|';
+    for (const std::string& m : methods) md << ' ' << fmt(stats_of(kl[m])) << " |";
+    for (const std::string& m : methods)
+      if (m != "lora") md << ' ' << fmt(stats_of(rho[m]), 2) << " |";
+    md << '\n';
+    const Stats lora = stats_of(kl["lora"]);
+    for (const std::string& m : methods) {
+      if (m == "lora" || !std::isfinite(lora.mean)) continue;
+      Family& f = family[m];
+      const Stats st = stats_of(kl[m]);
+      ++f.n;
+      if (st.mean < lora.mean) ++f.wins;
+      if (st.mean <= lora.mean + (std::isfinite(lora.sd) ? lora.sd : 0.0)) ++f.within_sd;
+      f.rel.push_back((lora.mean - st.mean) / lora.mean);
+      f.spearman.push_back(stats_of(rho[m]).mean);
+      for (const Run& r : results[i])
+        if (r.method == m) {
+          f.zero.push_back(r.zero_rank);
+          f.pruned += r.pruned;
+          f.recent += r.pruned_recent;
+        }
+      f.seconds += seconds[m];
+      f.lora_seconds += seconds["lora"];
+    }
+  }
+  md << "\n| allocator | configurations better than uniform LoRA | mean KL reduction | never worse by more than 1 sd "
+        "| mean Spearman | mean rank on rank-0 modules | pruned ranks added the round before | extra time over "
+        "uniform |\n|---|---|---|---|---|---|---|---|\n";
+  for (const auto& [m, f] : family) {
+    char line[512];
+    std::vector<double> percent;
+    for (double x : f.rel) percent.push_back(100.0 * x);
+    std::snprintf(line, sizeof line, "| %s | %d of %d | %s %% | %d of %d | %s | %s | %ld of %ld (%.1f %%) | %.0f %% |\n",
+                  m.c_str(), f.wins, f.n, fmt(stats_of(percent), 1).c_str(), f.within_sd, f.n,
+                  fmt(stats_of(f.spearman), 2).c_str(), fmt(stats_of(f.zero), 2).c_str(), f.recent, f.pruned,
+                  f.pruned ? 100.0 * double(f.recent) / double(f.pruned) : 0.0,
+                  f.lora_seconds > 0 ? 100.0 * (f.seconds - f.lora_seconds) / f.lora_seconds : 0.0);
+    md << line;
+  }
+  md << "\n(KL: held-out KL(teacher || student), nats per scored token, mean ± sd over seeds; mean KL reduction is "
+        "100 (KL_lora - KL_allocator) / KL_lora, mean ± sd over configurations)\n";
+  std::ofstream(out / "summary.md") << md.str();
+  std::printf("%s\nresults in %s (%.0f s total)\n", md.str().c_str(), out.c_str(), seconds_since(start));
+  return 0;
+}
