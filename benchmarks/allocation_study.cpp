@@ -6,6 +6,7 @@
 //   lora       uniform LoRA at the budget (every module the same rank)
 //   paper      ALoRA exactly as the paper specifies it (AB-LoRA scores, prune n_A and reallocate)
 //   gain       rankwise's gain-over-cost allocator (docs/rank/alora.md)
+//   oracle     (on request) LoRA on the planted modules only, ranks in proportion to the planted ones
 // from the same uniform start, and the program reports every configuration (mean and standard
 // deviation over seeds) and the family: how often and by how much each allocator beats uniform LoRA
 // on the held-out teacher KL, the Spearman correlation of its final ranks with the planted ones, the
@@ -53,6 +54,7 @@ struct Settings {
   long pretrain_steps = 1500;
   Index batch = 32;
   Index eval_sequences = 256;
+  Index validation = 32;  // sequences of the allocator's fixed validation batch
   int jobs = 2;
   double gain_ratio = 1.5;
   std::string methods = "lora,paper,gain";
@@ -102,8 +104,19 @@ Configuration make_configuration(int id, const std::vector<std::string>& paths) 
     ranks[m] = rng.uniform_int(1, 6);
     sum += ranks[m];
   }
-  // Adjust one rank at a time on random live modules until the planted total is met.
+  // Adjust one rank at a time on random live modules until the planted total is met; when every live
+  // module is full, one more module becomes live.
   while (sum != total) {
+    if (sum < total && std::all_of(live.begin(), live.end(), [&](std::size_t m) { return ranks[m] >= cap; })) {
+      for (std::size_t m = 0; m < paths.size(); ++m)
+        if (ranks[m] == 0) {
+          live.push_back(m);
+          ranks[m] = 1;
+          ++sum;
+          break;
+        }
+      continue;
+    }
     const std::size_t m = live[static_cast<std::size_t>(rng.uniform_int(0, Index(live.size()) - 1))];
     if (sum < total && ranks[m] < cap) {
       ++ranks[m];
@@ -131,12 +144,35 @@ struct Run {
 
 rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configuration& c, const Settings& s) {
   rankwise::FinetuneRecipe r;
-  r.adapter = method == "lora" ? "lora" : "alora";
+  r.adapter = method == "lora" || method == "oracle" ? "lora" : "alora";
   r.rank = c.uniform_rank;
   r.alpha = 2.0 * double(c.uniform_rank);
   r.steps = s.steps;
   r.lr = rankwise::recommended_lr("lora");
   if (method == "lora") return r;
+  if (method == "oracle") {  // LoRA on the planted modules only, ranks in proportion to the planted ones
+    Index planted = 0;
+    for (const rankwise::ModuleRank& m : c.plan) planted += m.rank;
+    std::vector<Index> ranks;
+    Index sum = 0;
+    for (const rankwise::ModuleRank& m : c.plan) {
+      const Index k = m.rank == 0 ? 0 : std::max<Index>(1, Index(std::floor(double(m.rank * c.budget) / double(planted))));
+      ranks.push_back(k);
+      sum += k;
+    }
+    for (std::size_t i = 0; sum < c.budget; i = (i + 1) % ranks.size())  // the remainder to planted modules
+      if (ranks[i] > 0 && ranks[i] < c.plan[i].rank) {
+        ++ranks[i];
+        ++sum;
+      }
+    for (std::size_t i = 0; i < ranks.size(); ++i)
+      if (ranks[i] > 0) {
+        r.target_modules.push_back(c.plan[i].path);
+        r.rank_pattern[c.plan[i].path] = ranks[i];
+        r.alpha_pattern[c.plan[i].path] = 2.0 * double(ranks[i]);  // the same scale, 2, as every other run
+      }
+    return r;
+  }
   rankwise::RankAllocatorOptions a;
   if (method == "paper") {
     a.policy = rankwise::AllocationPolicy::PruneAndReallocate;
@@ -173,7 +209,7 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       rankwise::FinetuneRecipe recipe = recipe_for(method, c, s);
       recipe.seed = std::uint64_t(seed);
       Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
-      const rankwise::TokenBatch validation = inputs.sample(s.batch, validation_rng);
+      const rankwise::TokenBatch validation = inputs.sample(s.validation, validation_rng);
       auto loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher.model());
       rankwise::Finetuner<float> tuner(model, recipe, validation, loss);
       Random data_rng(std::uint64_t(seed) * 104729 + 3);
@@ -276,15 +312,19 @@ int main(int argc, char** argv) {
   app.add_option("--jobs", s.jobs, "configurations run at once, one thread each")->check(CLI::Range(1, 64));
   app.add_option("--gain-ratio", s.gain_ratio, "gain-over-cost: the gain a move must reach, in drop costs")
       ->check(CLI::PositiveNumber);
-  app.add_option("--methods", s.methods, "comma-separated: lora, paper, gain");
+  app.add_option("--validation", s.validation, "sequences in the allocators' validation batch")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--methods", s.methods,
+                 "comma-separated: lora, paper, gain, oracle (LoRA on the planted modules, ranks in proportion)");
   app.add_option("--out", s.out, "results directory");
   app.add_option("--base", s.base, "cached base directory (default: <out>/base-cache/...)");
   app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps: a smoke run");
   app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
   CLI11_PARSE(app, argc, argv);
   for (const std::string& m : split(s.methods))
-    if (m != "lora" && m != "paper" && m != "gain") {
-      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain)\n", m.c_str());
+    if (m != "lora" && m != "paper" && m != "gain" && m != "oracle") {
+      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, oracle)\n",
+                   m.c_str());
       return 2;
     }
   if (s.quick) {
@@ -306,9 +346,9 @@ int main(int argc, char** argv) {
               rankwise::bench::eigen_version().c_str());
   std::printf("model: vocab 128, d_model 32, 4 heads, 2 layers, d_ff 128, sequence 32, batch %ld; %ld pre-training "
               "steps; %ld fine-tuning steps; configurations %d..%d, %d seed(s) each; %ld held-out sequences; "
-              "gain ratio %.2f; %d job(s)\n",
+              "gain ratio %.2f; validation batch %ld sequences; %d job(s)\n",
               long(s.batch), s.pretrain_steps, s.steps, s.first_config, s.first_config + s.configs - 1, s.seeds,
-              long(s.eval_sequences), s.gain_ratio, s.jobs);
+              long(s.eval_sequences), s.gain_ratio, long(s.validation), s.jobs);
   std::fflush(stdout);
   const fs::path out = s.out;
   fs::create_directories(out);

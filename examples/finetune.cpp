@@ -48,6 +48,8 @@ struct Settings {
   std::string output = "finetune_output";
   bool quiet = false;
   bool small = false;  // a tiny model and short runs, for the test suite
+  std::string allocator = "gain";  // alora: gain (rankwise's gain over cost) or paper (ALoRA as published)
+  Index validation = 128;          // alora: sequences of the fixed batch the allocator scores on
 };
 
 double seconds_since(Clock::time_point start) {
@@ -112,12 +114,16 @@ int run(const Settings& s) {
   recipe.lr = s.lr > 0.0 ? s.lr : rankwise::recommended_lr(s.adapter);
   recipe.seed = s.seed;
   // [snippet: recipe]
+  if (s.allocator != "gain" && s.allocator != "paper")
+    rankwise::detail::fail("finetune", "--allocator must be gain or paper (got \"", s.allocator, "\")");
+  if (s.adapter == "alora" && s.allocator == "gain")  // otherwise the Finetuner's default: the paper's procedure
+    recipe.allocator = rankwise::gain_over_cost_schedule(recipe.steps);
   // The teacher task's inputs are the pre-training mixture; its targets come from the teacher.
   const bool distill = s.task == "teacher";
   const rankwise::TaskGenerator task(distill ? rankwise::TaskKind::Mixture : rankwise::task_kind_from_name(s.task),
                                      task_options);
   rankwise::Random validation_rng(s.seed * 31 + 0xA11C);
-  const rankwise::TokenBatch validation = task.sample(s.batch, validation_rng);  // ALoRA's scoring batch
+  const rankwise::TokenBatch validation = task.sample(s.validation, validation_rng);  // ALoRA's scoring batch
   // Every set-up error (names, ranks, patterns) before anything is trained or written.
   rankwise::Finetuner<float>::check_recipe(config, recipe, validation);
 
@@ -271,6 +277,12 @@ int main(int argc, char** argv) {
   app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences for the accuracy")->capture_default_str();
   app.add_flag("--quiet", s.quiet, "no progress display");
   app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
+  app.add_option("--allocator", s.allocator,
+                 "alora's policy: gain (rankwise's gain over cost, docs/rank/alora.md) or paper (ALoRA as published)")
+      ->capture_default_str();
+  app.add_option("--validation", s.validation, "alora: sequences in the fixed batch the allocator scores on")
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -287,6 +299,7 @@ int main(int argc, char** argv) {
     s.batch = std::min<Index>(s.batch, 16);
     s.eval_sequences = std::min<Index>(s.eval_sequences, 64);
     s.rank = std::min<Index>(s.rank, 4);
+    s.validation = std::min<Index>(s.validation, 32);
   }
   try {
     return run(s);

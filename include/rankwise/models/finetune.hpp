@@ -298,6 +298,10 @@ struct FinetuneRecipe {
   /// for RED every mlp.down_proj (where RED edits).
   std::vector<std::string> target_modules{};
   std::string target_regex{};                 ///< or a regular expression over the whole path
+  /// PEFT's rank_pattern and alpha_pattern (LoRA, DyLoRA, ERAT): per-module rank and alpha, keyed by
+  /// module-path suffix or regular expression (models/injection.hpp).
+  std::map<std::string, Index> rank_pattern{};
+  std::map<std::string, double> alpha_pattern{};
   AdapterOptions options{};                   ///< replaces the options built from rank and alpha (same kind)
   Index vera_rank = 0;                        ///< rank of VeRA's shared bank; 0: 16 x rank
   Index melora_n = 4;                         ///< MELoRA's number of minis
@@ -624,6 +628,8 @@ class Finetuner {
           MELoRAOptions{.n = r.melora_n, .mini_rank = std::max<Index>(1, r.rank / r.melora_n), .alpha = r.alpha};
     }
     if (kind == "vera") o.vera_rank = r.vera_rank > 0 ? r.vera_rank : 16 * r.rank;
+    o.rank_pattern = r.rank_pattern;
+    o.alpha_pattern = r.alpha_pattern;
     const bool all = r.target_modules.size() == 1 && r.target_modules.front() == "all-linear";
     if (all) {
       o.all_linear = true;

@@ -1,9 +1,15 @@
 #pragma once
 /// \file rankwise/rank/allocator.hpp
 /// RankAllocator: moves ranks between rank-adjustable adapters under a fixed budget. The paper's
-/// ALoRA (Liu et al., 2024, arXiv:2403.16187, Algorithm 1) and an AdaLoRA-like prune-only policy
-/// (Zhang et al., 2023, arXiv:2303.10512) for comparison.
+/// ALoRA (Liu et al., 2024, arXiv:2403.16187, Algorithm 1), rankwise's gain-over-cost resolution of it,
+/// and an AdaLoRA-like prune-only policy (Zhang et al., 2023, arXiv:2303.10512) for comparison.
 ///
+///   gain over cost         before each round a sketch of every module's frozen-weight gradient
+///                          (LoRA::arm_gradient_probe) gives the direction a new rank would use; a
+///                          trial rank per module starts there (B = 0) and trains; then ranks move
+///                          from the cheapest leave-one-out drop costs to the largest trial gains only
+///                          while gain >= gain_ratio x cost, and young ranks are never pruned
+///                          (rank/gain.hpp; gain_over_cost_schedule(T) for the defaults)
 ///   prune and reallocate   after K1 warm-up steps, N_A rounds K2 steps apart: score every active rank,
 ///                          remove the n_A lowest, give what they freed to the modules that lost none
 ///                          (evenly, the remainder to the highest mean score); training goes on after
@@ -776,7 +782,8 @@ class RankAllocator {
     }
     if (m_probe_phase == 1) {
       if (m_step < m_probe_start + w) return Status::Ok;
-      const std::vector<ResidualSpectrum> spectra = residual_spectra();
+      m_trial_spectra = residual_spectra();
+      const std::vector<ResidualSpectrum>& spectra = m_trial_spectra;
       disarm_probes();
       m_trial.assign(m_modules.size(), 0);
       for (std::size_t m = 0; m < m_modules.size(); ++m) {
@@ -858,9 +865,17 @@ class RankAllocator {
         g.protected_rank[static_cast<std::size_t>(i)] = m_births[m][static_cast<std::size_t>(i)] > 0 &&
                                                         m_step - m_births[m][static_cast<std::size_t>(i)] < age;
       if (trial) {
+        // The trial measured what the top residual direction brings; the next directions are predicted
+        // from it by the sketch's spectrum: gain_j = gain_1 (sigma_j / sigma_1)^2.
         const double gain = scored.drop_costs[m][static_cast<std::size_t>(g.rank)];
         event.predicted_gains[m] = gain;
-        if (gain > 0.0) g.gains.push_back(gain);
+        const std::vector<double>& sigma = m_trial_spectra[m].sigma;
+        if (gain > 0.0) {
+          g.gains.push_back(gain);
+          if (m_options.warm_start)
+            for (std::size_t j = 1; j < sigma.size() && sigma.front() > 0.0; ++j)
+              g.gains.push_back(gain * (sigma[j] / sigma.front()) * (sigma[j] / sigma.front()));
+        }
       }
     }
     const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used_existing), m_options.gain_ratio,
@@ -876,6 +891,20 @@ class RankAllocator {
       if (m_trial[m] && plan.add[m] == 0) remove.push_back(m_modules[m].rank() - 1);  // the trial goes
       if (m_trial[m] && plan.add[m] > 0) m_births[m].back() = m_step;               // the trial stays
       if (!remove.empty()) remove_from(m, remove);
+      // More than one rank: the trial, then the next residual directions (or A's init).
+      const Index more = m_trial[m] ? plan.add[m] - 1 : plan.add[m];
+      if (more > 0) {
+        RankModule<Scalar>& module = m_modules[m];
+        const Matrix<double>& dirs = m_trial_spectra[m].directions;
+        const Index first = m_trial[m] ? 1 : 0;
+        const Index warm = m_options.warm_start ? std::clamp<Index>(dirs.cols() - first, 0, more) : 0;
+        if (warm > 0) {
+          const Matrix<double> rows = row_norm(module) * dirs.middleCols(first, warm).transpose();
+          notify(module.add_ranks_with_rows(rows.template cast<Scalar>()));
+        }
+        if (more > warm) notify(module.add_ranks(more - warm, m_rng));
+        m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(more), m_step);
+      }
     }
     m_trial.assign(m_modules.size(), 0);
     event.added = plan.add;
@@ -1186,6 +1215,7 @@ class RankAllocator {
   // Gain-over-cost: 0 idle, 1 first sketch pass (G Omega), 2 second pass (Q^T G) running since m_probe_start.
   int m_probe_phase = 0;
   std::vector<char> m_trial;  // per module: holds a trial rank (its last) until the round
+  std::vector<ResidualSpectrum> m_trial_spectra;  // per module: the sketch the trial came from
   long m_probe_start = 0;
   std::vector<Matrix<double>> m_probe_q;  // per module: the orthonormal range of the first pass
   std::vector<AllocationEvent> m_events;
