@@ -13,6 +13,7 @@
 //   red           RED on every block's down_proj
 //   alora         ALoRA (AB-LoRA ablation scores), total rank = lora's (prune and reallocate)
 //   alora_sens    the same allocator with AdaLoRA's sensitivity scores
+//   alora_gain    rankwise's gain-over-cost allocator (docs/rank/alora.md), total rank = lora's
 // Tasks: relabel and sort (exact-match accuracy), teacher (KL(teacher || student) in nats per scored
 // token, the teacher being the base plus planted changes of known ranks; ALoRA's final ranks are set
 // against the planted ones). One pre-trained base (cached) serves every run; the seed varies the
@@ -84,6 +85,7 @@ struct Method {
   std::string name;
   rankwise::FinetuneRecipe recipe;
   std::vector<Index> eval_ranks;  // DyLoRA: one result row per rank
+  Index validation = 0;           // sequences of the allocator's validation batch; 0: --batch
 };
 
 std::vector<Method> all_methods(const Settings& s) {
@@ -118,6 +120,10 @@ std::vector<Method> all_methods(const Settings& s) {
   Method sens{"alora_sens", recipe("alora", s.rank), {}};
   sens.recipe.importance = "sensitivity";
   m.push_back(sens);
+  Method gain{"alora_gain", recipe("alora", s.rank), {}};
+  gain.recipe.allocator = rankwise::gain_over_cost_schedule(s.steps);
+  gain.validation = 4 * s.batch;  // its drop costs need a larger batch than one step's (docs/rank/alora.md)
+  m.push_back(gain);
   if (s.methods.empty()) return m;
   std::vector<Method> chosen;
   for (const std::string& name : split(s.methods)) {
@@ -228,7 +234,7 @@ TaskResults run_unit(const std::string& task_name, Model& base, const rankwise::
     rankwise::FinetuneRecipe recipe = method.recipe;
     recipe.seed = std::uint64_t(seed);
     Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
-    const rankwise::TokenBatch validation = task.sample(s.batch, validation_rng);
+    const rankwise::TokenBatch validation = task.sample(method.validation > 0 ? method.validation : s.batch, validation_rng);
     std::shared_ptr<rankwise::TrainingLoss<float>> loss;
     if (distill) loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher->planted->model());
     rankwise::Finetuner<float> tuner(model, recipe, validation, loss);

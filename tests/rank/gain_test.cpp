@@ -132,6 +132,8 @@ TEST_CASE("residual_spectrum: singular values and directions of a planted low-ra
   m.col(2) = m.col(0) + m.col(1);
   const Matrix<double> q = rankwise::orthonormal_basis(m);
   CHECK(q.cols() == 2);
+  CHECK(rankwise::orthonormal_basis(Matrix<double>::Zero(5, 3)).cols() == 0);  // B of fresh ranks
+  CHECK(rankwise::orthonormal_basis(Matrix<double>(5, 0)).cols() == 0);
   Matrix<double> w = m;
   rankwise::project_off(w, q);
   CHECK(w.norm() < 1e-12);

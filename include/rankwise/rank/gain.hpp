@@ -41,6 +41,7 @@ inline Matrix<double> orthonormal_basis(const Matrix<double>& m, double rel_tol 
   Index keep = 0;
   if (top > 0.0)
     while (keep < std::min(m.rows(), m.cols()) && std::abs(r(keep, keep)) > rel_tol * top) ++keep;
+  if (keep == 0) return Matrix<double>(m.rows(), 0);  // a zero matrix (B of fresh ranks) spans nothing
   const Matrix<double> q = qr.householderQ() * Matrix<double>::Identity(m.rows(), keep);
   return q;
 }
