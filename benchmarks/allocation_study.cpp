@@ -66,14 +66,6 @@ struct Settings {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> items;
-  std::stringstream in(list);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) items.push_back(item);
-  return items;
-}
-
 // A configuration of the family: planted ranks per module and a budget, from its seed alone.
 struct Configuration {
   int id = 0;
@@ -202,7 +194,7 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
   const std::vector<rankwise::TeacherBatch<float>> held_out = task.held_out(s.eval_sequences, s.batch, held_out_rng);
   std::vector<Run> runs;
   for (int seed = 1; seed <= s.seeds; ++seed) {
-    for (const std::string& method : split(s.methods)) {
+    for (const std::string& method : rankwise::bench::split_list(s.methods)) {
       Random init_rng(1);
       Model model(base.config(), init_rng);
       model.copy_parameters_from(base);
@@ -321,7 +313,7 @@ int main(int argc, char** argv) {
   app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps: a smoke run");
   app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
   CLI11_PARSE(app, argc, argv);
-  for (const std::string& m : split(s.methods))
+  for (const std::string& m : rankwise::bench::split_list(s.methods))
     if (m != "lora" && m != "paper" && m != "gain" && m != "oracle") {
       std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, oracle)\n",
                    m.c_str());
@@ -383,7 +375,7 @@ int main(int argc, char** argv) {
   csv << "config,binding,budget,seed,method,teacher_kl,spearman,zero_module_rank,rounds,pruned,pruned_recent,seconds,"
          "final_ranks\n";
   std::ostringstream md;
-  const std::vector<std::string> methods = split(s.methods);
+  const std::vector<std::string> methods = rankwise::bench::split_list(s.methods);
   md << "| config | budget | planted ranks |";
   for (const std::string& m : methods) md << ' ' << m << " KL |";
   for (const std::string& m : methods)
@@ -396,7 +388,7 @@ int main(int argc, char** argv) {
   // Family statistics of each allocator against uniform LoRA.
   struct Family {
     int wins = 0, within_sd = 0, n = 0;
-    std::vector<double> rel, spearman, zero, kl_seconds;
+    std::vector<double> rel, spearman, zero;
     long pruned = 0, recent = 0;
     double seconds = 0.0, lora_seconds = 0.0;
   };

@@ -6,7 +6,9 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #if defined(RANKWISE_USE_BLAS)
 extern "C" {
@@ -17,6 +19,15 @@ char* openblas_get_config(void);
 #endif
 
 namespace rankwise::bench {
+
+/// The non-empty items of a comma-separated list ("lora,,gain" -> {"lora", "gain"}).
+inline std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> items;
+  std::stringstream in(list);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) items.push_back(item);
+  return items;
+}
 
 inline std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");

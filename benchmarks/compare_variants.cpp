@@ -72,14 +72,6 @@ struct Settings {
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> items;
-  std::stringstream in(list);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) items.push_back(item);
-  return items;
-}
-
 // One method of the comparison: a name for the tables and the recipe that makes it.
 struct Method {
   std::string name;
@@ -126,7 +118,7 @@ std::vector<Method> all_methods(const Settings& s) {
   m.push_back(gain);
   if (s.methods.empty()) return m;
   std::vector<Method> chosen;
-  for (const std::string& name : split(s.methods)) {
+  for (const std::string& name : rankwise::bench::split_list(s.methods)) {
     auto it = std::find_if(m.begin(), m.end(), [&](const Method& x) { return x.name == name; });
     if (it == m.end()) {
       std::string known;
@@ -327,7 +319,7 @@ int run(Settings s) {
   if (s.threads < 1) rankwise::detail::fail("compare_variants", "--threads must be >= 1 (got ", s.threads, ")");
   rankwise::bench::set_threads(s.threads);
   const std::vector<Method> methods = all_methods(s);
-  const std::vector<std::string> tasks = split(s.tasks);
+  const std::vector<std::string> tasks = rankwise::bench::split_list(s.tasks);
   for (const std::string& t : tasks)
     if (t != "teacher") (void)rankwise::task_kind_from_name(t);  // unknown names fail before any work
 

@@ -815,55 +815,116 @@ class RankAllocator {
     m_trial.assign(m_modules.size(), 0);
   }
 
-  Status trial_round() {
+  /// Starts a round's event and scores every rank. If the estimator throws, `undo` runs, the round is
+  /// retried recovery_steps later and the exception propagates.
+  ImportanceScores score_round(AllocationEvent& event, Index target, const std::function<void()>& undo = {}) {
     detail::check_scorable(where, std::span<RankModule<Scalar>>(m_modules));
     ++m_attempts;
-    AllocationEvent event;
     event.round = m_attempts;
     event.step = m_step;
-    event.target = m_budget;
+    event.target = target;
     ImportanceScores scored;
     try {
       scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
     } catch (...) {
-      drop_trials();
+      if (undo) undo();
       m_next_due = m_step + std::max(1L, m_options.recovery_steps);
       throw;
     }
     event.loss = scored.loss;
+    return scored;
+  }
+
+  /// Gain over cost needs one finite drop cost per rank: throws StateError when the estimator gives
+  /// none or the wrong number, returns the message of a non-finite one (empty when all are usable).
+  std::string drop_cost_problem(const ImportanceScores& scored) const {
+    if (scored.drop_costs.size() != m_modules.size())
+      detail::fail<StateError>(where, "gain-over-cost needs drop costs (AblationImportance); the estimator '",
+                               m_estimator->name(), "' gives none");
+    for (std::size_t m = 0; m < m_modules.size(); ++m) {
+      if (Index(scored.drop_costs[m].size()) != m_modules[m].rank())
+        detail::fail<StateError>(where, "the estimator '", m_estimator->name(), "' returned ",
+                                 scored.drop_costs[m].size(), " drop costs for '", m_modules[m].path(), "' of rank ",
+                                 m_modules[m].rank());
+      for (double c : scored.drop_costs[m])
+        if (!std::isfinite(c))
+          return std::string("[rankwise::RankAllocator] a drop cost of '") + m_modules[m].path() +
+                 "' is not finite; nothing was changed";
+    }
+    return {};
+  }
+
+  /// What plan_moves() needs of module m's first `rank` ranks (a trial rank, if any, comes after them).
+  GainCostModule plan_input(std::size_t m, Index rank, const std::vector<double>& drop_costs) const {
+    GainCostModule g;
+    g.rank = rank;
+    g.max_rank = m_modules[m].max_rank();
+    g.unit_cost = unit_cost(m_modules[m]);
+    g.drop_costs.assign(drop_costs.begin(), drop_costs.begin() + rank);
+    g.protected_rank.resize(static_cast<std::size_t>(rank));
+    const long age = min_rank_age();
+    for (std::size_t i = 0; i < static_cast<std::size_t>(rank); ++i)
+      g.protected_rank[i] = m_births[m][i] > 0 && m_step - m_births[m][i] < age;
+    return g;
+  }
+
+  /// The pruned ranks (lowest drop cost first), the oscillation count and the mean drop cost per module.
+  void record_plan(AllocationEvent& event, const MovePlan& plan, const std::vector<GainCostModule>& plan_in) const {
+    event.pruned_recent = count_recent(plan.remove);
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      for (Index i : plan.remove[m])
+        event.pruned.push_back({Index(m), i, plan_in[m].drop_costs[static_cast<std::size_t>(i)]});
+    std::sort(event.pruned.begin(), event.pruned.end(),
+              [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
+    event.added = plan.add;
+    event.mean_scores.assign(m_modules.size(), -std::numeric_limits<double>::infinity());
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      if (plan_in[m].rank > 0) {
+        double sum = 0.0;
+        for (double c : plan_in[m].drop_costs) sum += c;
+        event.mean_scores[m] = sum / double(plan_in[m].rank);
+      }
+  }
+
+  /// Appends k ranks to module m: along directions.col(first), col(first + 1), ... while there are
+  /// any (with warm_start), then drawn like A's init; all born now.
+  void add_warm(std::size_t m, Index k, const Matrix<double>& directions, Index first) {
+    RankModule<Scalar>& module = m_modules[m];
+    const Index warm = m_options.warm_start ? std::clamp<Index>(directions.cols() - first, 0, k) : 0;
+    if (warm > 0) {
+      const Matrix<double> rows = row_norm(module) * directions.middleCols(first, warm).transpose();
+      notify(module.add_ranks_with_rows(rows.template cast<Scalar>()));
+    }
+    if (k > warm) notify(module.add_ranks(k - warm, m_rng));
+    m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(k), m_step);
+  }
+
+  Status trial_round() {
+    AllocationEvent event;
+    const ImportanceScores scored = score_round(event, m_budget, [this] { drop_trials(); });
     if (scored.status != Status::Ok) {
       drop_trials();
       return fail_round(std::move(event), scored.status, scored.message);
     }
-    if (scored.drop_costs.size() != m_modules.size()) {
+    std::string problem;
+    try {
+      problem = drop_cost_problem(scored);
+    } catch (...) {
       drop_trials();
-      detail::fail<StateError>(where, "gain-over-cost needs drop costs (AblationImportance); the estimator '",
-                               m_estimator->name(), "' gives none");
+      throw;
     }
-    for (std::size_t m = 0; m < m_modules.size(); ++m)
-      for (double c : scored.drop_costs[m])
-        if (!std::isfinite(c) || Index(scored.drop_costs[m].size()) != m_modules[m].rank()) {
-          drop_trials();
-          return fail_round(std::move(event), Status::NonFinite,
-                            std::string("[rankwise::RankAllocator] a drop cost of '") + m_modules[m].path() +
-                                "' is not finite; nothing was changed");
-        }
-    std::vector<GainCostModule> plan_in(m_modules.size());
+    if (!problem.empty()) {
+      drop_trials();
+      return fail_round(std::move(event), Status::NonFinite, std::move(problem));
+    }
+    std::vector<GainCostModule> plan_in;
     event.predicted_gains.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
-    const long age = min_rank_age();
     Index used_existing = 0;
     for (std::size_t m = 0; m < m_modules.size(); ++m) {
-      GainCostModule& g = plan_in[m];
       const Index trial = m_trial[m] ? 1 : 0;
-      g.rank = m_modules[m].rank() - trial;
-      g.max_rank = m_modules[m].max_rank();
-      g.unit_cost = unit_cost(m_modules[m]);
+      plan_in.push_back(plan_input(m, m_modules[m].rank() - trial, scored.drop_costs[m]));
+      GainCostModule& g = plan_in.back();
       used_existing += g.rank * g.unit_cost;
-      g.drop_costs.assign(scored.drop_costs[m].begin(), scored.drop_costs[m].begin() + g.rank);
-      g.protected_rank.resize(static_cast<std::size_t>(g.rank));
-      for (Index i = 0; i < g.rank; ++i)
-        g.protected_rank[static_cast<std::size_t>(i)] = m_births[m][static_cast<std::size_t>(i)] > 0 &&
-                                                        m_step - m_births[m][static_cast<std::size_t>(i)] < age;
       if (trial) {
         // The trial measured what the top residual direction brings; the next directions are predicted
         // from it by the sketch's spectrum: gain_j = gain_1 (sigma_j / sigma_1)^2.
@@ -880,41 +941,17 @@ class RankAllocator {
     }
     const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used_existing), m_options.gain_ratio,
                                      m_options.max_moves_per_round);
-    event.pruned_recent = count_recent(plan.remove);
-    for (std::size_t m = 0; m < m_modules.size(); ++m)
-      for (Index i : plan.remove[m])
-        event.pruned.push_back({Index(m), i, scored.drop_costs[m][static_cast<std::size_t>(i)]});
-    std::sort(event.pruned.begin(), event.pruned.end(),
-              [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
+    record_plan(event, plan, plan_in);
     for (std::size_t m = 0; m < m_modules.size(); ++m) {
       std::vector<Index> remove = plan.remove[m];
       if (m_trial[m] && plan.add[m] == 0) remove.push_back(m_modules[m].rank() - 1);  // the trial goes
       if (m_trial[m] && plan.add[m] > 0) m_births[m].back() = m_step;               // the trial stays
       if (!remove.empty()) remove_from(m, remove);
       // More than one rank: the trial, then the next residual directions (or A's init).
-      const Index more = m_trial[m] ? plan.add[m] - 1 : plan.add[m];
-      if (more > 0) {
-        RankModule<Scalar>& module = m_modules[m];
-        const Matrix<double>& dirs = m_trial_spectra[m].directions;
-        const Index first = m_trial[m] ? 1 : 0;
-        const Index warm = m_options.warm_start ? std::clamp<Index>(dirs.cols() - first, 0, more) : 0;
-        if (warm > 0) {
-          const Matrix<double> rows = row_norm(module) * dirs.middleCols(first, warm).transpose();
-          notify(module.add_ranks_with_rows(rows.template cast<Scalar>()));
-        }
-        if (more > warm) notify(module.add_ranks(more - warm, m_rng));
-        m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(more), m_step);
-      }
+      const Index first = m_trial[m] ? 1 : 0;
+      if (plan.add[m] > first) add_warm(m, plan.add[m] - first, m_trial_spectra[m].directions, first);
     }
     m_trial.assign(m_modules.size(), 0);
-    event.added = plan.add;
-    event.mean_scores.assign(m_modules.size(), -std::numeric_limits<double>::infinity());
-    for (std::size_t m = 0; m < m_modules.size(); ++m)
-      if (plan_in[m].rank > 0) {
-        double sum = 0.0;
-        for (double c : plan_in[m].drop_costs) sum += c;
-        event.mean_scores[m] = sum / double(plan_in[m].rank);
-      }
     return finish_gain_round(std::move(event), !plan.moves.empty());
   }
 
@@ -997,103 +1034,33 @@ class RankAllocator {
   }
 
   Status gain_round() {
-    detail::check_scorable(where, std::span<RankModule<Scalar>>(m_modules));
     const std::vector<ResidualSpectrum> spectra = residual_spectra();
     disarm_probes();
-    ++m_attempts;
     AllocationEvent event;
-    event.round = m_attempts;
-    event.step = m_step;
-    event.target = m_budget;
-    ImportanceScores scored;
-    try {
-      scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
-    } catch (...) {
-      m_next_due = m_step + std::max(1L, m_options.recovery_steps);
-      throw;
-    }
-    event.loss = scored.loss;
+    const ImportanceScores scored = score_round(event, m_budget);
     if (scored.status != Status::Ok) return fail_round(std::move(event), scored.status, scored.message);
-    if (scored.drop_costs.size() != m_modules.size())
-      detail::fail<StateError>(where, "gain-over-cost needs drop costs (AblationImportance); the estimator '",
-                               m_estimator->name(), "' gives none");
+    if (std::string problem = drop_cost_problem(scored); !problem.empty())
+      return fail_round(std::move(event), Status::NonFinite, std::move(problem));
     std::vector<std::vector<double>> norms;
-    for (std::size_t m = 0; m < m_modules.size(); ++m) {
-      if (Index(scored.drop_costs[m].size()) != m_modules[m].rank())
-        detail::fail<StateError>(where, "the estimator '", m_estimator->name(), "' returned ",
-                                 scored.drop_costs[m].size(), " drop costs for '", m_modules[m].path(), "' of rank ",
-                                 m_modules[m].rank());
-      for (double c : scored.drop_costs[m])
-        if (!std::isfinite(c))
-          return fail_round(std::move(event), Status::NonFinite,
-                            std::string("[rankwise::RankAllocator] a drop cost of '") + m_modules[m].path() +
-                                "' is not finite; nothing was changed");
-      norms.push_back(delta_norms2(m_modules[m]));
-    }
+    for (RankModule<Scalar>& m : m_modules) norms.push_back(delta_norms2(m));
     const std::vector<double> h = module_curvatures(scored.drop_costs, norms);
-    std::vector<GainCostModule> plan_in(m_modules.size());
+    std::vector<GainCostModule> plan_in;
     event.predicted_gains.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
-    const long age = min_rank_age();
     for (std::size_t m = 0; m < m_modules.size(); ++m) {
-      GainCostModule& g = plan_in[m];
-      g.rank = m_modules[m].rank();
-      g.max_rank = m_modules[m].max_rank();
-      g.unit_cost = unit_cost(m_modules[m]);
-      g.drop_costs = scored.drop_costs[m];
-      g.protected_rank.resize(static_cast<std::size_t>(g.rank));
-      for (Index i = 0; i < g.rank; ++i)
-        g.protected_rank[static_cast<std::size_t>(i)] = m_births[m][static_cast<std::size_t>(i)] > 0 &&
-                                                        m_step - m_births[m][static_cast<std::size_t>(i)] < age;
+      plan_in.push_back(plan_input(m, m_modules[m].rank(), scored.drop_costs[m]));
+      GainCostModule& g = plan_in.back();
       if (h[m] > 0.0)
         for (double sigma : spectra[m].sigma) g.gains.push_back(sigma * sigma / (2.0 * h[m]));
       if (!g.gains.empty()) event.predicted_gains[m] = g.gains.front();
     }
     const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used()), m_options.gain_ratio,
                                      m_options.max_moves_per_round);
-    event.pruned_recent = count_recent(plan.remove);
-    for (std::size_t m = 0; m < m_modules.size(); ++m)
-      for (Index i : plan.remove[m])
-        event.pruned.push_back({Index(m), i, scored.drop_costs[m][static_cast<std::size_t>(i)]});
-    std::sort(event.pruned.begin(), event.pruned.end(),
-              [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
+    record_plan(event, plan, plan_in);
     for (std::size_t m = 0; m < m_modules.size(); ++m)
       if (!plan.remove[m].empty()) remove_from(m, plan.remove[m]);
-    for (std::size_t m = 0; m < m_modules.size(); ++m) {
-      const Index k = plan.add[m];
-      if (k == 0) continue;
-      RankModule<Scalar>& module = m_modules[m];
-      const ResidualSpectrum& sp = spectra[m];
-      const Index warm = m_options.warm_start ? std::min<Index>(k, sp.directions.cols()) : 0;
-      if (warm > 0) {
-        const double norm = row_norm(module);
-        const Matrix<double> rows = norm * sp.directions.leftCols(warm).transpose();
-        notify(module.add_ranks_with_rows(rows.template cast<Scalar>()));
-      }
-      if (k > warm) notify(module.add_ranks(k - warm, m_rng));
-      m_births[m].resize(m_births[m].size() + static_cast<std::size_t>(k), m_step);
-    }
-    event.added = plan.add;
-    event.mean_scores.assign(m_modules.size(), 0.0);
-    for (std::size_t m = 0; m < m_modules.size(); ++m) {
-      double sum = 0.0;
-      for (double c : scored.drop_costs[m]) sum += c;
-      event.mean_scores[m] = scored.drop_costs[m].empty() ? -std::numeric_limits<double>::infinity()
-                                                          : sum / double(scored.drop_costs[m].size());
-    }
-    event.ranks_after = ranks();
-    event.used_after = used();
-    RANKWISE_ASSERT(event.used_after <= m_budget, "RankAllocator: a gain-over-cost round exceeded the budget");
-    m_events.push_back(std::move(event));
-    m_last_round_step = m_step;
-    ++m_rounds_done;
-    m_acted = !plan.moves.empty();
-    m_status = Status::Ok;
-    std::ostringstream os;
-    os << "ran " << m_rounds_done << " round(s), last at step " << m_step;
-    m_message = os.str();
-    m_next_due = m_step + m_options.recovery_steps;
-    if (m_rounds_done >= m_options.rounds) m_done = true;
-    return Status::Ok;
+    for (std::size_t m = 0; m < m_modules.size(); ++m)
+      if (plan.add[m] > 0) add_warm(m, plan.add[m], spectra[m].directions, 0);
+    return finish_gain_round(std::move(event), !plan.moves.empty());
   }
 
   std::vector<ModuleCapacity> capacities() const {
@@ -1116,20 +1083,8 @@ class RankAllocator {
 
   /// Scores, plans and acts. Nothing changes unless the scores are usable.
   Status attempt(Index target, bool reallocate) {
-    detail::check_scorable(where, std::span<RankModule<Scalar>>(m_modules));
-    ++m_attempts;
     AllocationEvent event;
-    event.round = m_attempts;
-    event.step = m_step;
-    event.target = target;
-    ImportanceScores scored;
-    try {
-      scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
-    } catch (...) {
-      m_next_due = m_step + std::max(1L, m_options.recovery_steps);
-      throw;
-    }
-    event.loss = scored.loss;
+    const ImportanceScores scored = score_round(event, target);
     if (scored.status != Status::Ok) return fail_round(std::move(event), scored.status, scored.message);
     if (scored.scores.size() != m_modules.size())
       detail::fail<StateError>(where, "the estimator '", m_estimator->name(), "' returned scores for ",
