@@ -19,12 +19,31 @@ cmake --build "$build_dir" -j "$(rankwise_jobs)" --target safetensors_fuzz adapt
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-for name in safetensors adapter_config; do
+# The targets run side by side (one core each); each one's output goes to its log, printed when done.
+pids=()
+names=(safetensors adapter_config)
+for name in "${names[@]}"; do
   work="$build_dir/corpus/$name"
   mkdir -p "$work"
-  echo "== fuzzing $name for ${seconds}s (seeds: fuzz/corpus/$name)"
+  echo "== fuzzing $name for ${seconds}s (seeds: fuzz/corpus/$name; log: $build_dir/$name.log)"
   # The first directory receives new inputs; the seed directory is only read.
   "$build_dir/fuzz/${name}_fuzz" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
-    -dict="$RANKWISE_ROOT/fuzz/$name.dict" -print_final_stats=1 "$work" "$RANKWISE_ROOT/fuzz/corpus/$name"
+    -dict="$RANKWISE_ROOT/fuzz/$name.dict" -print_final_stats=1 "$work" "$RANKWISE_ROOT/fuzz/corpus/$name" \
+    >"$build_dir/$name.log" 2>&1 &
+  pids+=("$!")
 done
+failed=0
+for i in "${!names[@]}"; do
+  status=0
+  wait "${pids[$i]}" || status=$?
+  if [ "$status" -eq 0 ]; then
+    echo "== ${names[$i]}: done; the end of its log:"
+    tail -n 12 "$build_dir/${names[$i]}.log"
+  else
+    echo "== ${names[$i]}: exit status $status; its log:"
+    cat "$build_dir/${names[$i]}.log"
+    failed=1
+  fi
+done
+[ "$failed" -eq 0 ] || { echo "== fuzzing found a problem (the logs above say where)" >&2; exit 1; }
 echo "== fuzzing found nothing"

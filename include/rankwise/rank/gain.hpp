@@ -33,16 +33,20 @@ namespace rankwise {
 
 /// An orthonormal basis (columns) of the column space of `m`; columns whose pivot is below
 /// `rel_tol` times the largest are dropped, so a rank-deficient input gives fewer columns.
-inline Matrix<double> orthonormal_basis(const Matrix<double>& m, double rel_tol = 1e-10) {
-  if (m.cols() == 0 || m.rows() == 0) return Matrix<double>(m.rows(), 0);
-  Eigen::ColPivHouseholderQR<Matrix<double>> qr(m);
-  const Matrix<double> r = qr.matrixR().template triangularView<Eigen::Upper>();
-  const double top = std::abs(r(0, 0));
+/// (A template, like residual_spectrum(), so that only the programs that call it compile Eigen's
+/// QR and SVD, not every file that includes this header.)
+template <typename Derived>
+Matrix<typename Derived::Scalar> orthonormal_basis(const Eigen::MatrixBase<Derived>& m, double rel_tol = 1e-10) {
+  using S = typename Derived::Scalar;
+  if (m.cols() == 0 || m.rows() == 0) return Matrix<S>(m.rows(), 0);
+  const Eigen::ColPivHouseholderQR<Matrix<S>> qr(m);
+  const Matrix<S> r = qr.matrixR().template triangularView<Eigen::Upper>();
+  const double top = std::abs(double(r(0, 0)));
   Index keep = 0;
   if (top > 0.0)
-    while (keep < std::min(m.rows(), m.cols()) && std::abs(r(keep, keep)) > rel_tol * top) ++keep;
-  if (keep == 0) return Matrix<double>(m.rows(), 0);  // a zero matrix (B of fresh ranks) spans nothing
-  const Matrix<double> q = qr.householderQ() * Matrix<double>::Identity(m.rows(), keep);
+    while (keep < std::min(m.rows(), m.cols()) && std::abs(double(r(keep, keep))) > rel_tol * top) ++keep;
+  if (keep == 0) return Matrix<S>(m.rows(), 0);  // a zero matrix (B of fresh ranks) spans nothing
+  const Matrix<S> q = qr.householderQ() * Matrix<S>::Identity(m.rows(), keep);
   return q;
 }
 
@@ -57,16 +61,18 @@ struct ResidualSpectrum {
   Matrix<double> directions;  ///< in x k: unit right singular vectors (rows of A for new ranks)
 };
 
-inline ResidualSpectrum residual_spectrum(const Matrix<double>& z) {
+template <typename Derived>
+ResidualSpectrum residual_spectrum(const Eigen::MatrixBase<Derived>& z) {
+  using S = typename Derived::Scalar;
   ResidualSpectrum s;
   if (z.size() == 0) {
     s.directions.resize(z.cols(), 0);
     return s;
   }
-  Eigen::JacobiSVD<Matrix<double>> svd(z, Eigen::ComputeThinV);
+  const Eigen::JacobiSVD<Matrix<S>> svd(z, Eigen::ComputeThinV);
   const auto& values = svd.singularValues();
-  for (Index i = 0; i < values.size(); ++i) s.sigma.push_back(values(i));
-  s.directions = svd.matrixV();
+  for (Index i = 0; i < values.size(); ++i) s.sigma.push_back(double(values(i)));
+  s.directions = svd.matrixV().template cast<double>();
   return s;
 }
 
