@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -55,9 +56,11 @@ struct Settings {
   Index batch = 32;
   Index eval_sequences = 256;
   Index validation = 32;  // sequences of the allocator's fixed validation batch
+  Index validation_batches = 1;  // parts it is scored in (standard errors need >= 2)
   int jobs = 2;
   double gain_ratio = 1.5;
   std::string methods = "lora,paper,gain";
+  std::string basis = "inputs";  // where planted changes take their input directions (PlantBasis)
   std::string out = "allocation_study_output";
   std::string base;
   bool quick = false;
@@ -65,6 +68,31 @@ struct Settings {
 };
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// The control of the pruning runs (method prune-balanced): scores that make prune-only take one rank from
+// every module in turn (each module's weakest by magnitude first), so that the run starts and trains like
+// the pruning runs but ends with uniform ranks. What it gains over uniform LoRA comes from the start
+// above the budget, not from allocation.
+class BalancedScores final : public rankwise::ImportanceEstimator<float> {
+ public:
+  const char* name() const override { return "balanced"; }
+  rankwise::ImportanceScores score(std::span<rankwise::RankModule<float>> modules) override {
+    rankwise::ImportanceScores magnitude = m_magnitude.score(modules);
+    rankwise::ImportanceScores out;
+    for (const std::vector<double>& v : magnitude.scores) {
+      std::vector<std::size_t> order(v.size());
+      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return v[a] < v[b]; });
+      std::vector<double> position(v.size());
+      for (std::size_t k = 0; k < order.size(); ++k) position[order[k]] = double(k) - double(v.size());
+      out.scores.push_back(position);  // the weakest of the largest module first, then round robin
+    }
+    return out;
+  }
+
+ private:
+  rankwise::MagnitudeImportance<float> m_magnitude;
+};
 
 // A configuration of the family: planted ranks per module and a budget, from its seed alone.
 struct Configuration {
@@ -131,6 +159,7 @@ struct Run {
   double zero_rank = NAN;  // mean final rank on modules planted at rank 0
   long pruned = 0, pruned_recent = 0, rounds = 0;
   double seconds = 0.0;
+  double scoring_seconds = 0.0;  // the allocator's scoring rounds
   std::string ranks;
 };
 
@@ -166,6 +195,22 @@ rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configurati
     return r;
   }
   rankwise::RankAllocatorOptions a;
+  if (method.rfind("prune", 0) == 0) {
+    // rankwise's recommended allocation: three times the rank to start, pruned by drop costs to the
+    // budget (pruning_schedule()). Variants: prune-x<k> starts at k times the rank; prune-ab,
+    // prune-sens and prune-mag prune by AB-LoRA, sensitivity or magnitude scores; prune-balanced is the
+    // control that ends at uniform ranks (BalancedScores).
+    r.importance = "drop_cost";
+    std::stringstream parts(method);
+    for (std::string part; std::getline(parts, part, '-');) {
+      if (part.size() > 1 && part[0] == 'x') r.prune_start_factor = std::stol(part.substr(1));
+      if (part == "ab") r.importance = "ablation";
+      if (part == "sens") r.importance = "sensitivity";
+      if (part == "mag") r.importance = "magnitude";
+    }
+    r.allocator = rankwise::pruning_schedule(s.steps);
+    return r;
+  }
   if (method == "paper") {
     a.policy = rankwise::AllocationPolicy::PruneAndReallocate;
     a.warmup_steps = std::max(1L, s.steps / 5);
@@ -185,10 +230,30 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
   std::vector<rankwise::ModuleRank> nonzero;
   for (const rankwise::ModuleRank& m : c.plan)
     if (m.rank > 0) nonzero.push_back(m);
-  rankwise::PlantedTeacher<float> teacher(base, nonzero, rankwise::PlantOptions{}, plant_rng);
   const rankwise::TaskGenerator inputs(rankwise::TaskKind::Mixture, task_options);
+  Random basis_rng(0xBA515 + std::uint64_t(c.id));
+  const rankwise::PlantOptions plant_options{
+      .basis = s.basis == "weights" ? rankwise::PlantBasis::Weights : rankwise::PlantBasis::Inputs};
+  rankwise::PlantedTeacher<float> teacher(base, nonzero, plant_options, plant_rng, inputs.sample(256, basis_rng));
   Random calibration_rng(0xCA11B + std::uint64_t(c.id));
   teacher.calibrate(inputs.sample(s.batch, calibration_rng));
+  if (s.verbose) {  // the rank of every planted change as the data sees it
+    Random spectrum_rng(0x5BEC + std::uint64_t(c.id));
+    const std::vector<std::vector<double>> spectra = teacher.effect_spectra(inputs.sample(256, spectrum_rng));
+    std::ostringstream os;
+    os << "configuration " << c.id << ": planted rank / participation ratio of dW X (sum s^2)^2 / sum s^4:";
+    for (std::size_t i = 0; i < spectra.size(); ++i) {
+      double s2 = 0.0, s4 = 0.0;
+      for (double v : spectra[i]) {
+        s2 += v * v;
+        s4 += v * v * v * v;
+      }
+      char cell[64];
+      std::snprintf(cell, sizeof cell, " %ld/%.1f", long(teacher.changes()[i].rank), s4 > 0.0 ? s2 * s2 / s4 : 0.0);
+      os << cell;
+    }
+    std::printf("%s\n", os.str().c_str());
+  }
   rankwise::TeacherTask<float> task(teacher.model(), inputs);
   Random held_out_rng(0xE7A1 + std::uint64_t(c.id));
   const std::vector<rankwise::TeacherBatch<float>> held_out = task.held_out(s.eval_sequences, s.batch, held_out_rng);
@@ -200,10 +265,13 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       model.copy_parameters_from(base);
       rankwise::FinetuneRecipe recipe = recipe_for(method, c, s);
       recipe.seed = std::uint64_t(seed);
+      recipe.validation_batches = s.validation_batches;
       Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
       const rankwise::TokenBatch validation = inputs.sample(s.validation, validation_rng);
       auto loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher.model());
-      rankwise::Finetuner<float> tuner(model, recipe, validation, loss);
+      std::shared_ptr<rankwise::ImportanceEstimator<float>> estimator;
+      if (method == "prune-balanced") estimator = std::make_shared<BalancedScores>();
+      rankwise::Finetuner<float> tuner(model, recipe, validation, loss, estimator);
       Random data_rng(std::uint64_t(seed) * 104729 + 3);
       const auto start = Clock::now();
       for (long step = 0; step < recipe.steps; ++step) tuner.step(inputs.sample(s.batch, data_rng));
@@ -246,6 +314,7 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
           std::printf("%s", os.str().c_str());
         }
         for (const rankwise::AllocationEvent& e : allocator->events()) {
+          r.scoring_seconds += e.scoring_seconds;
           if (e.status != rankwise::Status::Ok) continue;
           ++r.rounds;
           r.pruned += long(e.pruned.size());
@@ -306,16 +375,23 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--validation", s.validation, "sequences in the allocators' validation batch")
       ->check(CLI::Range(1, 4096));
+  app.add_option("--validation-batches", s.validation_batches,
+                 "parts the validation batch is scored in (their spread gives the scores' standard errors)")
+      ->check(CLI::Range(1, 4096));
   app.add_option("--methods", s.methods,
                  "comma-separated: lora, paper, gain, oracle (LoRA on the planted modules, ranks in proportion)");
+  app.add_option("--basis", s.basis,
+                 "planted changes orthonormal in the inputs' metric (inputs: every direction moves the outputs "
+                 "alike) or in weight space (weights)")
+      ->check(CLI::IsMember({"inputs", "weights"}));
   app.add_option("--out", s.out, "results directory");
   app.add_option("--base", s.base, "cached base directory (default: <out>/base-cache/...)");
   app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps: a smoke run");
   app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
   CLI11_PARSE(app, argc, argv);
   for (const std::string& m : rankwise::bench::split_list(s.methods))
-    if (m != "lora" && m != "paper" && m != "gain" && m != "oracle") {
-      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, oracle)\n",
+    if (m != "lora" && m != "paper" && m != "gain" && m.rfind("prune", 0) != 0 && m != "oracle") {
+      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, prune, oracle)\n",
                    m.c_str());
       return 2;
     }
@@ -338,9 +414,9 @@ int main(int argc, char** argv) {
               rankwise::bench::eigen_version().c_str());
   std::printf("model: vocab 128, d_model 32, 4 heads, 2 layers, d_ff 128, sequence 32, batch %ld; %ld pre-training "
               "steps; %ld fine-tuning steps; configurations %d..%d, %d seed(s) each; %ld held-out sequences; "
-              "gain ratio %.2f; validation batch %ld sequences; %d job(s)\n",
+              "gain ratio %.2f; validation batch %ld sequences in %ld part(s); planted basis %s; %d job(s)\n",
               long(s.batch), s.pretrain_steps, s.steps, s.first_config, s.first_config + s.configs - 1, s.seeds,
-              long(s.eval_sequences), s.gain_ratio, long(s.validation), s.jobs);
+              long(s.eval_sequences), s.gain_ratio, long(s.validation), long(s.validation_batches), s.basis.c_str(), s.jobs);
   std::fflush(stdout);
   const fs::path out = s.out;
   fs::create_directories(out);
@@ -373,7 +449,7 @@ int main(int argc, char** argv) {
 
   std::ofstream csv(out / "runs.csv");
   csv << "config,binding,budget,seed,method,teacher_kl,spearman,zero_module_rank,rounds,pruned,pruned_recent,seconds,"
-         "final_ranks\n";
+         "scoring_seconds,final_ranks\n";
   std::ostringstream md;
   const std::vector<std::string> methods = rankwise::bench::split_list(s.methods);
   md << "| config | budget | planted ranks |";
@@ -390,7 +466,7 @@ int main(int argc, char** argv) {
     int wins = 0, within_sd = 0, n = 0;
     std::vector<double> rel, spearman, zero;
     long pruned = 0, recent = 0;
-    double seconds = 0.0, lora_seconds = 0.0;
+    double seconds = 0.0, lora_seconds = 0.0, scoring_seconds = 0.0;
   };
   std::map<std::string, Family> family;
   for (std::size_t i = 0; i < configurations.size(); ++i) {
@@ -403,7 +479,7 @@ int main(int argc, char** argv) {
       seconds[r.method] += r.seconds;
       csv << c.id << ',' << (c.binding ? 1 : 0) << ',' << c.budget << ',' << r.seed << ',' << r.method << ',' << r.kl
           << ',' << r.spearman << ',' << r.zero_rank << ',' << r.rounds << ',' << r.pruned << ',' << r.pruned_recent
-          << ',' << r.seconds << ',' << r.ranks << '\n';
+          << ',' << r.seconds << ',' << r.scoring_seconds << ',' << r.ranks << '\n';
     }
     md << "| " << c.id << " | " << c.budget << (c.binding ? " (binding)" : " (= planted)") << " | ";
     for (const rankwise::ModuleRank& m : c.plan) md << m.rank << ' ';
@@ -427,6 +503,7 @@ int main(int argc, char** argv) {
           f.zero.push_back(r.zero_rank);
           f.pruned += r.pruned;
           f.recent += r.pruned_recent;
+          f.scoring_seconds += r.scoring_seconds;
         }
       f.seconds += seconds[m];
       f.lora_seconds += seconds["lora"];
@@ -434,16 +511,17 @@ int main(int argc, char** argv) {
   }
   md << "\n| allocator | configurations better than uniform LoRA | mean KL reduction | never worse by more than 1 sd "
         "| mean Spearman | mean rank on rank-0 modules | pruned ranks added the round before | extra time over "
-        "uniform |\n|---|---|---|---|---|---|---|---|\n";
+        "uniform | scoring time / run time |\n|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& [m, f] : family) {
     char line[512];
     std::vector<double> percent;
     for (double x : f.rel) percent.push_back(100.0 * x);
-    std::snprintf(line, sizeof line, "| %s | %d of %d | %s %% | %d of %d | %s | %s | %ld of %ld (%.1f %%) | %.0f %% |\n",
+    std::snprintf(line, sizeof line, "| %s | %d of %d | %s %% | %d of %d | %s | %s | %ld of %ld (%.1f %%) | %.0f %% | %.0f %% |\n",
                   m.c_str(), f.wins, f.n, fmt(stats_of(percent), 1).c_str(), f.within_sd, f.n,
                   fmt(stats_of(f.spearman), 2).c_str(), fmt(stats_of(f.zero), 2).c_str(), f.recent, f.pruned,
                   f.pruned ? 100.0 * double(f.recent) / double(f.pruned) : 0.0,
-                  f.lora_seconds > 0 ? 100.0 * (f.seconds - f.lora_seconds) / f.lora_seconds : 0.0);
+                  f.lora_seconds > 0 ? 100.0 * (f.seconds - f.lora_seconds) / f.lora_seconds : 0.0,
+                  f.seconds > 0 ? 100.0 * f.scoring_seconds / f.seconds : 0.0);
     md << line;
   }
   md << "\n(KL: held-out KL(teacher || student), nats per scored token, mean ± sd over seeds; mean KL reduction is "

@@ -891,6 +891,60 @@ TEST_CASE("RankAllocator: gain-over-cost options are checked", "[rank][allocator
 // for all 32 runs; Spearman >= 0.8 for 16/16 seeds with sensitivity and 15/16 with ablation (seed 9
 // ends in a two-round cycle at 0.67: ranks added to under-ranked modules capture small singular
 // directions and score below the redundant ranks of an over-ranked module, then move back).
+// The recommended allocation: the adapters start at three times the uniform ranks (the extra ranks
+// drawn from their own stream, so that the targets are those of the other runs) and are pruned by drop
+// costs to the same total of 16 ranks.
+PlantedOutcome run_planted_pruning(std::uint64_t seed) {
+  PlantedOutcome out;
+  {
+    Planted uniform(seed);
+    rankwise::AdamW<float> optimizer(uniform.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+    out.uniform_fit = uniform.train(planted_steps, nullptr, optimizer);
+  }
+  Planted planted(seed);
+  Random extra(seed + 200);
+  for (LoRA<float>& l : planted.layers) l.add_ranks(2 * l.rank(), extra);
+  rankwise::AblationImportance<float> drop_costs([&] { return planted.loss(planted.x_val, true); },
+                                                 {.leave_one_out = true});
+  rankwise::AdamW<float> optimizer(planted.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+  RankAllocatorOptions options = rankwise::pruning_schedule(planted_steps);
+  options.budget = 16;
+  Random rng(seed + 100);
+  RankAllocator<float> allocator(planted.modules(), drop_costs, options, rng);
+  allocator.add_optimizer(optimizer);
+  CHECK(allocator.total_ranks() == 48);
+  out.fit = planted.train(planted_steps, &allocator, optimizer);
+  CHECK(allocator.finish() == Status::Ok);
+  CHECK(allocator.total_ranks() == 16);
+  for (std::size_t m = 0; m < planted.truth.size(); ++m) {
+    out.final_ranks.push_back(double(planted.layers[m].rank()));
+    out.truth.push_back(double(planted.truth[m]));
+  }
+  out.table = allocator.format_table() + allocator.format_events();
+  return out;
+}
+
+TEST_CASE("RankAllocator: pruning by drop costs from above the budget finds planted ranks and beats uniform LoRA",
+          "[rank][allocator][planted]") {
+  const PlantedOutcome out = run_planted_pruning(2);
+  INFO(out.table);
+  CAPTURE(out.fit, out.uniform_fit);
+  CHECK(spearman(out.final_ranks, out.truth) >= 0.8);
+  CHECK(out.fit < out.uniform_fit);
+  CHECK(out.final_ranks[3] <= 1.0);  // the layer planted at rank 0 keeps at most one rank
+}
+
+TEST_CASE("pruning_schedule: the recommended schedule scales with the run", "[rank][allocator]") {
+  const RankAllocatorOptions o = rankwise::pruning_schedule(1200);
+  CHECK(o.policy == rankwise::AllocationPolicy::PruneOnly);
+  CHECK(o.warmup_steps == 200);
+  CHECK(o.final_steps == 400);
+  CHECK(o.prune_interval == 50);
+  CHECK(o.total_steps == 1200);
+  CHECK_FALSE(o.budget.has_value());
+  CHECK_THROWS_WITH(rankwise::pruning_schedule(23), Catch::Contains("total_steps must be >= 24 (got 23)"));
+}
+
 TEST_CASE("RankAllocator: planted ranks are found for many seeds", "[.planted-seeds]") {
   for (bool sensitivity : {false, true}) {
     int found = 0;
@@ -917,6 +971,17 @@ TEST_CASE("RankAllocator: planted ranks are found for many seeds", "[.planted-se
     found += rho >= 0.8 ? 1 : 0;
     WARN("gain over cost seed " << seed << ": spearman " << rho << ", fit " << out.fit << " vs uniform "
                                 << out.uniform_fit);
+  }
+  CHECK(found >= 15);
+  found = 0;
+  for (std::uint64_t seed = 1; seed <= 16; ++seed) {
+    const PlantedOutcome out = run_planted_pruning(seed);
+    const double rho = spearman(out.final_ranks, out.truth);
+    CAPTURE(seed, rho, out.fit, out.uniform_fit);
+    CHECK(out.fit < out.uniform_fit);
+    found += rho >= 0.8 ? 1 : 0;
+    WARN("pruning by drop costs seed " << seed << ": spearman " << rho << ", fit " << out.fit << " vs uniform "
+                                       << out.uniform_fit);
   }
   CHECK(found >= 15);
 }

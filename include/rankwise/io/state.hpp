@@ -731,7 +731,8 @@ void save_state(StateWriter& out, const RankAllocator<Scalar>& allocator) {
   nlohmann::json events = nlohmann::json::array();
   for (const AllocationEvent& e : p.events) {
     nlohmann::json pruned = nlohmann::json::array(), scores = nlohmann::json::array();
-    for (const PrunedRank& r : e.pruned) pruned.push_back({r.module, r.rank, detail::finite_or_null(r.score)});
+    for (const PrunedRank& r : e.pruned)
+      pruned.push_back({r.module, r.rank, detail::finite_or_null(r.score), detail::finite_or_null(r.error)});
     for (double v : e.mean_scores) scores.push_back(detail::finite_or_null(v));
     events.push_back({{"round", e.round}, {"step", e.step}, {"status", to_string(e.status)}, {"message", e.message},
                       {"loss", detail::finite_or_null(e.loss)}, {"target", e.target}, {"pruned", pruned},
@@ -785,9 +786,10 @@ void load_state(const StateReader& in, RankAllocator<Scalar>& allocator) {
     const nlohmann::json& pruned = e.contains("pruned") ? e["pruned"] : nlohmann::json();
     if (!pruned.is_array()) in.fail("an event's 'pruned' must be a list");
     for (const nlohmann::json& r : pruned) {
-      if (!r.is_array() || r.size() != 3 || !r[0].is_number_integer() || !r[1].is_number_integer())
-        in.fail("an event's pruned ranks must be [module, rank, score]");
-      out.pruned.push_back({r[0].get<Index>(), r[1].get<Index>(), detail::number_or_nan(r[2])});
+      if (!r.is_array() || r.size() < 3 || r.size() > 4 || !r[0].is_number_integer() || !r[1].is_number_integer())
+        in.fail("an event's pruned ranks must be [module, rank, score] or [module, rank, score, standard error]");
+      out.pruned.push_back({r[0].get<Index>(), r[1].get<Index>(), detail::number_or_nan(r[2]),
+                            r.size() == 4 ? detail::number_or_nan(r[3]) : std::numeric_limits<double>::quiet_NaN()});
     }
     out.added = detail::json_list<Index>(in, e.contains("added") ? e["added"] : nlohmann::json(), "added");
     out.mean_scores = detail::json_list<double>(in, e.contains("mean_scores") ? e["mean_scores"] : nlohmann::json(), "mean_scores");

@@ -317,9 +317,18 @@ struct FinetuneRecipe {
   /// ALoRA's schedule; unset: K1 = steps / 5, K2 = steps / 10, N_A = 4 rounds, budget = initial ranks.
   std::optional<RankAllocatorOptions> allocator{};
   /// ALoRA's importance scores: "ablation" (AB-LoRA, the paper's; needs the validation batch),
-  /// "sensitivity" (AdaLoRA's smoothed |w dL/dw| with its uncertainty, from the training gradients)
-  /// or "magnitude" (|B| |A| per rank, a cheap baseline).
+  /// "drop_cost" (its leave-one-out half: the validation loss a rank's removal costs; what gain over
+  /// cost always uses), "sensitivity" (AdaLoRA's smoothed |w dL/dw| with its uncertainty, from the
+  /// training gradients) or "magnitude" (|B| |A| per rank, a cheap baseline).
   std::string importance = "ablation";
+  /// AB-LoRA's validation batch is scored as this many equal parts (its sequences split in order):
+  /// scores are the means over the parts, with their standard errors in the allocator's events.
+  /// 1 <= validation_batches <= the validation batch's sequences.
+  Index validation_batches = 1;
+  /// "alora" with a prune-only allocator (pruning_schedule()): the adapters start at this multiple of
+  /// `rank` (alpha scaled alike, so that every rank keeps the scale alpha / rank), and the budget, unless
+  /// the allocator options set one, is `rank` x the number of adapted modules. >= 2.
+  Index prune_start_factor = 3;
 };
 
 /// The end of a run, for summaries.
@@ -350,10 +359,14 @@ class Finetuner {
   /// Injects the recipe's adapters into `model` (which must hold plain linear layers and outlive the
   /// Finetuner). `validation` is the allocator's fixed batch for AB-LoRA scores: required for
   /// "alora", ignored otherwise. `loss` replaces token cross-entropy (for training and validation).
+  /// `estimator`, when given, scores the ranks of an "alora" run in place of recipe.importance (any
+  /// ImportanceEstimator: your own scores, or a control).
   /// A bad recipe throws InvalidArgument and leaves the model as it was (check_recipe() runs first).
   Finetuner(ToyTransformer<Scalar>& model, const FinetuneRecipe& recipe, const TokenBatch& validation = {},
-            std::shared_ptr<TrainingLoss<Scalar>> loss = nullptr)
-      : Finetuner(prechecked(model, recipe, validation), recipe, validation, std::move(loss), Unchecked{}) {}
+            std::shared_ptr<TrainingLoss<Scalar>> loss = nullptr,
+            std::shared_ptr<ImportanceEstimator<Scalar>> estimator = nullptr)
+      : Finetuner(prechecked(model, recipe, validation), recipe, validation, std::move(loss), Unchecked{},
+                  std::move(estimator)) {}
 
   Finetuner(const Finetuner&) = delete;
   Finetuner& operator=(const Finetuner&) = delete;
@@ -534,9 +547,15 @@ class Finetuner {
     j["clip_norm"] = r.clip_norm;
     j["seed"] = r.seed;
     j["importance"] = r.importance;
-    if (r.allocator)
-      j["allocator"] = {{"warmup_steps", r.allocator->warmup_steps}, {"rounds", r.allocator->rounds},
-                        {"recovery_steps", r.allocator->recovery_steps}, {"ranks_per_round", r.allocator->ranks_per_round}};
+    j["validation_batches"] = r.validation_batches;
+    if (r.allocator) {
+      const RankAllocatorOptions& a = *r.allocator;
+      j["allocator"] = {{"policy", a.policy == AllocationPolicy::GainOverCost ? "gain_over_cost"
+                                   : a.policy == AllocationPolicy::PruneOnly  ? "prune_only"
+                                                                              : "prune_and_reallocate"},
+                        {"warmup_steps", a.warmup_steps}, {"rounds", a.rounds}, {"recovery_steps", a.recovery_steps},
+                        {"ranks_per_round", a.ranks_per_round}};
+    }
     return j;
   }
 
@@ -548,7 +567,8 @@ class Finetuner {
   /// Sets the recipe up on `model` directly: a failure after the injection leaves the model adapted,
   /// which is why the public constructor first runs check_recipe() on a scratch model.
   Finetuner(ToyTransformer<Scalar>& model, const FinetuneRecipe& recipe, const TokenBatch& validation,
-            std::shared_ptr<TrainingLoss<Scalar>> loss, Unchecked)
+            std::shared_ptr<TrainingLoss<Scalar>> loss, Unchecked,
+            std::shared_ptr<ImportanceEstimator<Scalar>> estimator = nullptr)
       : m_model(model),
         m_recipe(checked(model, recipe, validation)),
         m_rng(recipe.seed),
@@ -557,9 +577,10 @@ class Finetuner {
         m_optimizer(m_params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay}),
         m_schedule(schedule_of(recipe)),
         m_loss(loss ? std::move(loss) : std::make_shared<TokenCrossEntropy<Scalar>>()),
-        m_validation(validation) {
+        m_validation(split_sequences(validation, recipe.validation_batches)) {
     m_model.set_training(true);
     m_losses.reserve(std::size_t(recipe.steps));
+    m_estimator = std::move(estimator);
     set_up_hooks();
   }
 
@@ -591,17 +612,27 @@ class Finetuner {
     if (r.melora_n < 1) detail::fail(where, "melora_n must be >= 1 (got ", r.melora_n, ")");
     if (r.allocator && r.adapter != "alora")
       detail::fail(where, "allocator options apply to adapter \"alora\" (got \"", r.adapter, "\")");
-    if (r.importance != "ablation" && r.importance != "sensitivity" && r.importance != "magnitude")
-      detail::fail(where, "importance must be one of ablation, sensitivity, magnitude (got \"", r.importance, "\")");
-    if (r.allocator && r.allocator->policy == AllocationPolicy::GainOverCost && r.importance != "ablation")
-      detail::fail(where, "the gain-over-cost allocator compares drop costs, which need importance \"ablation\" (got \"",
-                   r.importance, "\")");
+    if (r.prune_start_factor < 2)
+      detail::fail(where, "prune_start_factor must be >= 2 (got ", r.prune_start_factor, ")");
+    if (prunes(r) && !r.rank_pattern.empty())
+      detail::fail(where, "rank_pattern does not combine with a prune-only allocator, which chooses the ranks "
+                          "(got ", r.rank_pattern.size(), " pattern(s))");
+    const bool validated = r.importance == "ablation" || r.importance == "drop_cost";
+    if (!validated && r.importance != "sensitivity" && r.importance != "magnitude")
+      detail::fail(where, "importance must be one of ablation, drop_cost, sensitivity, magnitude (got \"", r.importance,
+                   "\")");
+    if (r.allocator && r.allocator->policy == AllocationPolicy::GainOverCost && !validated)
+      detail::fail(where, "the gain-over-cost allocator compares drop costs, which need importance \"ablation\" or "
+                   "\"drop_cost\" (got \"", r.importance, "\")");
     if (r.importance != "ablation" && r.adapter != "alora")
       detail::fail(where, "importance \"", r.importance, "\" applies to adapter \"alora\" (got \"", r.adapter, "\")");
-    if (r.adapter == "alora" && r.importance == "ablation") {
+    if (r.adapter == "alora" && validated) {
       if (validation.batch < 1)
         detail::fail(where, "adapter \"alora\" needs a validation batch for its importance scores (got none)");
       detail::check_batch(where, model, validation);
+      if (r.validation_batches < 1 || r.validation_batches > validation.batch)
+        detail::fail(where, "validation_batches must be in [1, sequences of the validation batch = ", validation.batch,
+                     "] (got ", r.validation_batches, ")");
     }
     bool ranked = false;  // the model must still be a base model
     model.for_each_slot([&](const std::string&, AnyLinear<Scalar>& slot) {
@@ -619,6 +650,8 @@ class Finetuner {
     o.adapter.name = kind;
     if (!std::holds_alternative<std::monostate>(r.options)) {
       o.adapter.options = r.options;
+    } else if (kind == "lora" && r.adapter == "alora" && prunes(r)) {  // start above the budget
+      o.adapter.options = LoRAOptions{.rank = r.rank * r.prune_start_factor, .alpha = r.alpha * double(r.prune_start_factor)};
     } else if (kind == "lora") {
       o.adapter.options = LoRAOptions{.rank = r.rank, .alpha = r.alpha};
     } else if (kind == "dylora" || kind == "erat") {
@@ -640,6 +673,8 @@ class Finetuner {
     if (r.target_modules.empty() && r.target_regex.empty() && kind != "red") o.all_linear = true;
     return o;
   }
+
+  static bool prunes(const FinetuneRecipe& r) { return r.allocator && r.allocator->policy == AllocationPolicy::PruneOnly; }
 
   static std::vector<Parameter<Scalar>*> trainable_parameters(ToyTransformer<Scalar>& model) {
     std::vector<Parameter<Scalar>*> params;
@@ -682,15 +717,24 @@ class Finetuner {
         options.rounds = 4;                                          // N_A
         options.recovery_steps = std::max(1L, m_recipe.steps / 10);  // K2
       }
-      if (m_recipe.importance == "sensitivity")
-        m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
-      else if (m_recipe.importance == "magnitude")
-        m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
-      else
-        m_estimator = std::make_unique<AblationImportance<Scalar>>(
-            [this] { return validation_loss(); },
-            AblationImportanceOptions{.leave_one_out = options.policy == AllocationPolicy::GainOverCost});
+      if (!m_estimator) {  // else the caller's
+        if (m_recipe.importance == "sensitivity")
+          m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
+        else if (m_recipe.importance == "magnitude")
+          m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
+        else
+          m_estimator = std::make_unique<AblationImportance<Scalar>>(
+              [this](Index part) { return validation_loss(part); }, Index(m_validation.size()),
+              AblationImportanceOptions{.leave_one_out = options.policy == AllocationPolicy::GainOverCost ||
+                                                         m_recipe.importance == "drop_cost"});
+      }
       if (options.total_steps == 0) options.total_steps = m_recipe.steps;
+      if (options.policy == AllocationPolicy::PruneOnly && !options.budget) {
+        Index budget = 0;  // rank x modules, in the allocator's unit
+        for (const RankModule<Scalar>& m : modules)
+          budget += m_recipe.rank * (options.budget_unit == BudgetUnit::Parameters ? m.cost_per_rank() : 1);
+        options.budget = budget;
+      }
       m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
       m_allocator->add_optimizer(m_optimizer);
     }
@@ -720,13 +764,32 @@ class Finetuner {
     for (std::size_t i = 0; i < m_dylora.size(); ++i) m_dylora[i]->set_active_rank(evaluation_rank(i));
   }
 
-  /// The loss on the fixed validation batch, in eval mode (AB-LoRA's CE(M)).
-  double validation_loss() {
+  /// `batch`'s sequences in `parts` consecutive groups of (nearly) equal size; nothing for an empty batch.
+  static std::vector<TokenBatch> split_sequences(const TokenBatch& batch, Index parts) {
+    std::vector<TokenBatch> out;
+    if (batch.batch < 1) return out;
+    parts = std::clamp<Index>(parts, 1, batch.batch);
+    const std::size_t len = static_cast<std::size_t>(batch.seq_len);
+    for (Index p = 0; p < parts; ++p) {
+      const Index first = batch.batch * p / parts, last = batch.batch * (p + 1) / parts;
+      TokenBatch part{.batch = last - first, .seq_len = batch.seq_len, .tokens = {}, .targets = {}};
+      const auto from = static_cast<std::ptrdiff_t>(static_cast<std::size_t>(first) * len);
+      const auto to = static_cast<std::ptrdiff_t>(static_cast<std::size_t>(last) * len);
+      part.tokens.assign(batch.tokens.begin() + from, batch.tokens.begin() + to);
+      part.targets.assign(batch.targets.begin() + from, batch.targets.begin() + to);
+      out.push_back(std::move(part));
+    }
+    return out;
+  }
+
+  /// The loss on part `part` of the fixed validation batch, in eval mode (AB-LoRA's CE(M)).
+  double validation_loss(Index part) {
+    const TokenBatch& batch = m_validation[static_cast<std::size_t>(part)];
     const bool training = m_model.is_training();
     m_model.set_training(false);
-    m_model.forward(m_validation.tokens, m_validation.seq_len, m_validation_logits);
+    m_model.forward(batch.tokens, batch.seq_len, m_validation_logits);
     m_model.set_training(training);
-    return m_loss->value(m_validation_logits, m_validation);
+    return m_loss->value(m_validation_logits, batch);
   }
 
   ToyTransformer<Scalar>& m_model;
@@ -737,7 +800,7 @@ class Finetuner {
   AdamW<Scalar> m_optimizer;
   LRSchedule m_schedule;
   std::shared_ptr<TrainingLoss<Scalar>> m_loss;
-  TokenBatch m_validation;
+  std::vector<TokenBatch> m_validation;  // the validation batch in validation_batches parts
   Matrix<Scalar> m_validation_logits;
   // rank hooks
   std::vector<DyLoRA<Scalar>*> m_dylora;
@@ -746,7 +809,7 @@ class Finetuner {
   std::vector<RankWindow> m_windows;
   std::optional<DyLoRASampler> m_dylora_sampler;
   std::optional<ERATSampler> m_erat_sampler;
-  std::unique_ptr<ImportanceEstimator<Scalar>> m_estimator;
+  std::shared_ptr<ImportanceEstimator<Scalar>> m_estimator;
   std::unique_ptr<RankAllocator<Scalar>> m_allocator;
   // the step
   Matrix<Scalar> m_logits, m_dlogits;

@@ -4,8 +4,14 @@
 /// a copy of a (pre-trained) ToyTransformer whose chosen linear weights get a planted change of known
 /// rank, and the student (the base with adapters) learns the teacher's next-token distributions.
 ///
-///   plant    W' = W + dW,  dW = U diag(s_1..s_k) V^T,  U (out x k), V (in x k) orthonormal (QR of
-///            Gaussians), s_i = scale * rms(W) * decay^(i-1),  rms(W) = ||W||_F / sqrt(min(in, out))
+///   plant    W' = W + dW,  dW = U diag(s_1..s_k) V^T,  U (out x k) orthonormal (QR of Gaussians),
+///            s_i = scale * rms(W) * decay^(i-1),  rms(W) = ||W||_F / sqrt(min(in, out)); V (in x k):
+///              basis Weights  orthonormal (QR of Gaussians): dW has k equal singular values
+///              basis Inputs   orthonormal in the metric of the module's inputs X on a batch,
+///                             V^T C V = c I with C = X X^T / N: then dW X has k equal singular values,
+///                             so every planted direction moves the module's outputs alike (inputs
+///                             fill a few directions; with V drawn in weight space a rank-12 change
+///                             can act like a rank-4 one, and the truth is blurred)
 ///            (decay 1 by default: k equal singular values, so the rank is unambiguous)
 ///   calibrate  optional, recommended: per module, the scale at which that change alone moves the
 ///            teacher by a target KL from the base (equal relative scales differ in effect by orders of
@@ -32,6 +38,7 @@
 #include <rankwise/models/tasks.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 
+#include <Eigen/Eigenvalues>
 #include <Eigen/QR>
 
 #include <algorithm>
@@ -62,9 +69,20 @@ enum class DistillPositions {
   NonPadding,  ///< every position whose token is not PAD (denser signal, includes the inputs)
 };
 
+/// Where the input directions V of a planted change come from (see the header's comment).
+enum class PlantBasis {
+  Weights,  ///< orthonormal in the weight's input space: dW has equal singular values
+  Inputs,   ///< orthonormal in the inputs' metric: dW X has equal singular values (needs a batch)
+};
+
 struct PlantOptions {
   double scale = 4.0;  ///< s_1 relative to rms(W), the root-mean-square singular value of W; > 0
   double decay = 1.0;  ///< s_(i+1) / s_i, in (0, 1]; 1 plants equal singular values (the truth is exact)
+  PlantBasis basis = PlantBasis::Weights;
+  /// Basis Inputs: V lies in the span of the input directions whose variance is at least this share
+  /// of the largest (and at least the planted rank of them), so that no direction the inputs barely
+  /// visit is amplified beyond 1 / sqrt(min_variance); in (0, 1].
+  double min_variance = 0.01;
 };
 
 /// PlantedTeacher::calibrate(): each planted change alone moves the teacher by target_kl from the base.
@@ -91,7 +109,7 @@ struct PlantedChange {
   Index rank = 0;
   Matrix<double> U;                ///< out x rank, orthonormal columns
   Vector<double> singular_values;  ///< rank values, non-increasing, > 0
-  Matrix<double> V;                ///< in x rank, orthonormal columns
+  Matrix<double> V;                ///< in x rank: orthonormal columns (basis Weights), or V^T C V = c I (Inputs)
   double weight_rms = 0.0;         ///< rms(W) of the base weight the scale is relative to
   double scale = 0.0;              ///< s_1 / rms(W)
 
@@ -252,14 +270,44 @@ class PlantedTeacher {
  public:
   using Scalar = Scalar_;
 
-  PlantedTeacher(ToyTransformer<Scalar>& base, std::vector<ModuleRank> plan, const PlantOptions& options, Random& rng)
+  /// `inputs`: the batch whose module inputs define the metric of PlantBasis::Inputs (required
+  /// there, unused with PlantBasis::Weights).
+  PlantedTeacher(ToyTransformer<Scalar>& base, std::vector<ModuleRank> plan, const PlantOptions& options, Random& rng,
+                 const TokenBatch& inputs = {})
       : m_options(checked(options)), m_model(same_shape(base.config())) {
     validate(base, plan);
+    if (options.basis == PlantBasis::Inputs && inputs.batch < 1)
+      detail::fail("rankwise::PlantedTeacher", "basis Inputs needs a batch of inputs (got an empty batch)");
     m_model.copy_parameters_from(base);
     m_model.set_base_trainable(false);
     m_model.set_training(false);
-    for (const ModuleRank& entry : plan) plant(entry, rng);
+    std::vector<std::string> paths;
+    for (const ModuleRank& entry : plan) paths.push_back(entry.path);
+    const std::map<std::string, Matrix<double>> moments =
+        options.basis == PlantBasis::Inputs ? input_moments(paths, inputs) : std::map<std::string, Matrix<double>>{};
+    for (const ModuleRank& entry : plan)
+      plant(entry, rng, options.basis == PlantBasis::Inputs ? &moments.at(entry.path) : nullptr);
     for (const std::string& path : m_model.linear_paths()) m_truth.push_back({path, planted_rank_or_zero(path)});
+  }
+
+  /// Per planted change (plan order), the singular values of dW X / sqrt(N) with X the module's inputs
+  /// in the teacher on `inputs`, largest first: the rank of the change as the data sees it.
+  std::vector<std::vector<double>> effect_spectra(const TokenBatch& inputs) {
+    if (inputs.batch < 1) detail::fail("rankwise::PlantedTeacher", "effect_spectra needs a non-empty batch");
+    std::vector<std::string> paths;
+    for (const PlantedChange& c : m_changes) paths.push_back(c.path);
+    const std::map<std::string, Matrix<double>> moments = input_moments(paths, inputs);
+    std::vector<std::vector<double>> out;
+    for (const PlantedChange& c : m_changes) {
+      // dW C dW^T = U S (V^T C V) S U^T: its eigenvalues are the squared singular values of dW X / sqrt(N).
+      const Matrix<double> sv = c.singular_values.asDiagonal() * c.V.transpose();
+      const Matrix<double> inner = sv * moments.at(c.path) * sv.transpose();
+      const Eigen::SelfAdjointEigenSolver<Matrix<double>> eig(inner);
+      std::vector<double> values;
+      for (Index i = inner.rows() - 1; i >= 0; --i) values.push_back(std::sqrt(std::max(0.0, eig.eigenvalues()(i))));
+      out.push_back(std::move(values));
+    }
+    return out;
   }
 
   /// The teacher model (frozen, eval mode). Do not inject adapters into it.
@@ -365,6 +413,11 @@ class PlantedTeacher {
       detail::fail("rankwise::PlantedTeacher", "scale must be finite and > 0 (got ", o.scale, ")");
     if (!(o.decay > 0.0 && o.decay <= 1.0))
       detail::fail("rankwise::PlantedTeacher", "decay must be in (0, 1] (got ", o.decay, ")");
+    if (o.basis != PlantBasis::Weights && o.basis != PlantBasis::Inputs)
+      detail::fail("rankwise::PlantedTeacher", "basis must be Weights or Inputs (got enum value ",
+                   static_cast<int>(o.basis), ")");
+    if (!(o.min_variance > 0.0 && o.min_variance <= 1.0))
+      detail::fail("rankwise::PlantedTeacher", "min_variance must be in (0, 1] (got ", o.min_variance, ")");
     return o;
   }
 
@@ -417,14 +470,81 @@ class PlantedTeacher {
     return m_model.linear(path).template get_if<Linear<Scalar>>()->weight_parameter().value;
   }
 
-  void plant(const ModuleRank& entry, Random& rng) {
+  /// A linear layer that keeps its last input (a copy): how the teacher reads a module's inputs.
+  struct InputRecorder {
+    using Scalar = Scalar_;
+    Linear<Scalar> linear;
+    Matrix<Scalar>* last_input;
+    Index in_features() const { return linear.in_features(); }
+    Index out_features() const { return linear.out_features(); }
+    void forward(const ConstRef<Scalar>& x, Matrix<Scalar>& y) {
+      *last_input = x;
+      linear.forward(x, y);
+    }
+    void backward(const ConstRef<Scalar>& dy, Matrix<Scalar>& dx) { linear.backward(dy, dx); }
+    std::vector<Parameter<Scalar>*> parameters() { return linear.parameters(); }
+    void set_training(bool training) { linear.set_training(training); }
+    bool is_training() const { return linear.is_training(); }
+    void zero_grad() { linear.zero_grad(); }
+  };
+
+  /// C = X X^T / N of each module's inputs X (in x N: every token of `inputs`), in the current model.
+  std::map<std::string, Matrix<double>> input_moments(const std::vector<std::string>& paths, const TokenBatch& inputs) {
+    detail::check_batch("rankwise::PlantedTeacher", m_model, inputs);
+    std::map<std::string, Matrix<Scalar>> recorded;
+    std::map<std::string, Linear<Scalar>> saved;
+    for (const std::string& path : paths) saved.emplace(path, *m_model.linear(path).template get_if<Linear<Scalar>>());
+    const auto restore_all = [&] {
+      for (auto& [path, linear] : saved)
+        if (m_model.linear(path).template get_if<Linear<Scalar>>() == nullptr)
+          m_model.replace_linear(path, AnyLinear<Scalar>(Linear<Scalar>(linear)));
+    };
+    try {
+      for (const std::string& path : paths)
+        m_model.replace_linear(path, AnyLinear<Scalar>("input_recorder", InputRecorder{saved.at(path), &recorded[path]}));
+      m_model.forward(inputs.tokens, inputs.seq_len, m_logits);
+    } catch (...) {
+      restore_all();
+      throw;
+    }
+    restore_all();
+    std::map<std::string, Matrix<double>> out;
+    for (const auto& [path, x] : recorded) {
+      const Matrix<double> xd = x.template cast<double>();
+      out.emplace(path, (xd * xd.transpose()) / double(std::max<Index>(1, xd.cols())));
+    }
+    return out;
+  }
+
+  /// Basis Inputs: k directions that are orthonormal in the metric C, within the inputs' main span.
+  Matrix<double> input_directions(const ModuleRank& entry, const Matrix<double>& c, Random& rng) const {
+    const Eigen::SelfAdjointEigenSolver<Matrix<double>> eig(c);  // eigenvalues ascending
+    const Index n = c.rows();
+    const double top = eig.eigenvalues()(n - 1);
+    Index p = 0;
+    while (p < n && eig.eigenvalues()(n - 1 - p) >= m_options.min_variance * top) ++p;
+    p = std::max(p, entry.rank);
+    if (!(top > 0.0) || !(eig.eigenvalues()(n - p) > 1e-12 * top))
+      detail::fail("rankwise::PlantedTeacher", "the inputs of '", entry.path, "' vary along fewer than ", entry.rank,
+                   " directions on the given batch, so a change of rank ", entry.rank,
+                   " cannot act on them with that rank; use a larger batch or PlantBasis::Weights");
+    const Matrix<double> e = eig.eigenvectors().rightCols(p);
+    const Vector<double> lambda = eig.eigenvalues().tail(p);
+    const Matrix<double> q = orthonormal_columns(p, entry.rank, rng);
+    // V = E L^(-1/2) Q, scaled by sqrt(mean L) so that its size is that of an orthonormal V.
+    Matrix<double> v = e * lambda.cwiseSqrt().cwiseInverse().asDiagonal() * q;
+    v *= std::sqrt(lambda.mean());
+    return v;
+  }
+
+  void plant(const ModuleRank& entry, Random& rng, const Matrix<double>* input_moment) {
     const Matrix<Scalar>& W = weight_of(entry.path);
     PlantedChange change;
     change.path = entry.path;
     change.rank = entry.rank;
     change.weight_rms = W.template cast<double>().norm() / std::sqrt(double(std::min(W.rows(), W.cols())));
     change.U = orthonormal_columns(W.rows(), entry.rank, rng);
-    change.V = orthonormal_columns(W.cols(), entry.rank, rng);
+    change.V = input_moment ? input_directions(entry, *input_moment, rng) : orthonormal_columns(W.cols(), entry.rank, rng);
     m_base_weights.push_back(W);
     m_changes.push_back(std::move(change));
     apply_scale(m_changes.size() - 1, m_options.scale);
@@ -703,7 +823,8 @@ inline AllocationComparison compare_allocation(const std::vector<ModuleRank>& tr
 /// `Finetuner(student, recipe, validation, std::make_shared<TeacherLoss<float>>(teacher.model()))`
 /// fine-tunes toward the teacher; the allocator's validation loss is then the same KL. A step costs
 /// one teacher forward more than with token cross-entropy. The batch's own hard targets are unused
-/// (DistillPositions picks the scored columns).
+/// (DistillPositions picks the scored columns). The teacher must not change while the loss is used
+/// (value() keeps the distributions of the batches it has seen).
 template <FloatScalar Scalar>
 class TeacherLoss final : public TrainingLoss<Scalar> {
  public:
@@ -715,23 +836,43 @@ class TeacherLoss final : public TrainingLoss<Scalar> {
   const char* name() const override { return "distillation"; }
 
   double forward_backward(const Matrix<Scalar>& logits, const TokenBatch& batch, Matrix<Scalar>& dlogits) override {
-    const double loss = value(logits, batch);
+    teach(batch, m_target);
+    const double loss = m_loss.forward(logits, m_target);
     m_loss.backward(dlogits);
     return loss;
   }
 
+  /// The loss alone. The teacher's distributions of the batches seen here are kept (up to
+  /// max_cached_batches, by their tokens), since value() is called on the same fixed validation
+  /// batches again and again: an allocator's scoring round then runs the teacher once, not per call.
   double value(const Matrix<Scalar>& logits, const TokenBatch& batch) override {
-    if (m_teacher.is_training()) m_teacher.set_training(false);
-    m_teacher.forward(batch.tokens, batch.seq_len, m_teacher_logits);
-    m_target = make_teacher_batch<Scalar>(batch, m_teacher_logits, m_options.temperature, m_options.positions);
-    return m_loss.forward(logits, m_target);
+    for (const Cached& c : m_cache)
+      if (c.target.inputs.seq_len == batch.seq_len && c.target.inputs.tokens == batch.tokens)
+        return m_loss.forward(logits, c.target);
+    Cached& c = m_cache.size() < max_cached_batches ? m_cache.emplace_back() : m_cache[m_next_slot++ % max_cached_batches];
+    teach(batch, c.target);
+    return m_loss.forward(logits, c.target);
   }
 
+  static constexpr std::size_t max_cached_batches = 16;
+
  private:
+  struct Cached {
+    TeacherBatch<Scalar> target;
+  };
+
+  void teach(const TokenBatch& batch, TeacherBatch<Scalar>& target) {
+    if (m_teacher.is_training()) m_teacher.set_training(false);
+    m_teacher.forward(batch.tokens, batch.seq_len, m_teacher_logits);
+    target = make_teacher_batch<Scalar>(batch, m_teacher_logits, m_options.temperature, m_options.positions);
+  }
+
   ToyTransformer<Scalar>& m_teacher;
   TeacherTaskOptions m_options;
   Matrix<Scalar> m_teacher_logits;
   TeacherBatch<Scalar> m_target;
+  std::vector<Cached> m_cache;
+  std::size_t m_next_slot = 0;
   DistillationLoss<Scalar> m_loss;
 };
 

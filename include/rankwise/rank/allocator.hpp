@@ -33,6 +33,7 @@
 #include <rankwise/rank/module.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <iomanip>
@@ -137,6 +138,24 @@ inline RankAllocatorOptions gain_over_cost_schedule(long total_steps) {
   return options;
 }
 
+/// The recommended allocation for a run of `total_steps` optimizer steps (docs/rank/alora.md, "Pruning
+/// by drop costs"): prune-only, from adapters started at about three times their budgeted rank, with
+/// drop costs (AblationImportance with leave_one_out, over several validation batches) as the scores.
+/// Pruning starts after T / 6 steps, runs every T / 24 steps along AdaLoRA's cubic budget curve, and
+/// reaches the budget at 2 T / 3, so that the last third of the run trains the final allocation. The
+/// caller sets `budget` (the Finetuner sets it to rank x modules). Needs total_steps >= 24.
+inline RankAllocatorOptions pruning_schedule(long total_steps) {
+  if (total_steps < 24)
+    detail::fail("rankwise::pruning_schedule", "total_steps must be >= 24 (got ", total_steps, ")");
+  RankAllocatorOptions options;
+  options.policy = AllocationPolicy::PruneOnly;
+  options.warmup_steps = total_steps / 6;
+  options.total_steps = total_steps;
+  options.final_steps = total_steps / 3;
+  options.prune_interval = std::max(1L, total_steps / 24);
+  return options;
+}
+
 /// The kind of a module: its path without the numeric components ("layers.3.attn.q_proj" ->
 /// "layers.attn.q_proj"), so that every block's q_proj is one kind.
 inline std::string module_kind(std::string_view path) {
@@ -177,6 +196,7 @@ struct PrunedRank {
   Index module = 0;
   Index rank = 0;
   double score = 0.0;
+  double error = std::numeric_limits<double>::quiet_NaN();  ///< standard error of the score (NaN: one batch)
 };
 
 /// What a round will do: which ranks each module loses (ascending) and how many it gains.
@@ -325,6 +345,11 @@ struct AllocationEvent {
   Index pruned_recent = 0;
   /// Gain-over-cost: per module, the predicted gain of one more rank (nats; NaN when unknown).
   std::vector<double> predicted_gains;
+  /// Gain-over-cost with trials over several validation batches: the standard error of each
+  /// module's measured gain (NaN when unknown).
+  std::vector<double> gain_errors;
+  /// Wall time of the round's scoring (the estimator's evaluations), in seconds.
+  double scoring_seconds = 0.0;
 };
 
 template <FloatScalar Scalar>
@@ -573,7 +598,11 @@ class RankAllocator {
       os << ": pruned";
       if (e.pruned.empty()) os << " nothing";
       for (const PrunedRank& p : e.pruned)
-        os << ' ' << m_modules[static_cast<std::size_t>(p.module)].path() << '#' << p.rank << " (" << p.score << ")";
+      {
+        os << ' ' << m_modules[static_cast<std::size_t>(p.module)].path() << '#' << p.rank << " (" << p.score;
+        if (std::isfinite(p.error)) os << " +- " << p.error;
+        os << ")";
+      }
       os << "; added";
       bool any = false;
       for (std::size_t m = 0; m < e.added.size(); ++m)
@@ -824,8 +853,10 @@ class RankAllocator {
     event.step = m_step;
     event.target = target;
     ImportanceScores scored;
+    const auto started = std::chrono::steady_clock::now();
     try {
       scored = m_estimator->score(std::span<RankModule<Scalar>>(m_modules));
+      event.scoring_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     } catch (...) {
       if (undo) undo();
       m_next_due = m_step + std::max(1L, m_options.recovery_steps);
@@ -869,11 +900,13 @@ class RankAllocator {
   }
 
   /// The pruned ranks (lowest drop cost first), the oscillation count and the mean drop cost per module.
-  void record_plan(AllocationEvent& event, const MovePlan& plan, const std::vector<GainCostModule>& plan_in) const {
+  void record_plan(AllocationEvent& event, const MovePlan& plan, const std::vector<GainCostModule>& plan_in,
+                   const ImportanceScores& scored) const {
     event.pruned_recent = count_recent(plan.remove);
     for (std::size_t m = 0; m < m_modules.size(); ++m)
       for (Index i : plan.remove[m])
-        event.pruned.push_back({Index(m), i, plan_in[m].drop_costs[static_cast<std::size_t>(i)]});
+        event.pruned.push_back({Index(m), i, plan_in[m].drop_costs[static_cast<std::size_t>(i)],
+                                error_of(scored.drop_cost_errors, m, i)});
     std::sort(event.pruned.begin(), event.pruned.end(),
               [](const PrunedRank& a, const PrunedRank& b) { return a.score < b.score; });
     event.added = plan.add;
@@ -919,6 +952,7 @@ class RankAllocator {
     }
     std::vector<GainCostModule> plan_in;
     event.predicted_gains.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
+    event.gain_errors.assign(m_modules.size(), std::numeric_limits<double>::quiet_NaN());
     Index used_existing = 0;
     for (std::size_t m = 0; m < m_modules.size(); ++m) {
       const Index trial = m_trial[m] ? 1 : 0;
@@ -930,6 +964,7 @@ class RankAllocator {
         // from it by the sketch's spectrum: gain_j = gain_1 (sigma_j / sigma_1)^2.
         const double gain = scored.drop_costs[m][static_cast<std::size_t>(g.rank)];
         event.predicted_gains[m] = gain;
+        event.gain_errors[m] = error_of(scored.drop_cost_errors, m, g.rank);
         const std::vector<double>& sigma = m_trial_spectra[m].sigma;
         if (gain > 0.0) {
           g.gains.push_back(gain);
@@ -941,7 +976,7 @@ class RankAllocator {
     }
     const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used_existing), m_options.gain_ratio,
                                      m_options.max_moves_per_round);
-    record_plan(event, plan, plan_in);
+    record_plan(event, plan, plan_in, scored);
     for (std::size_t m = 0; m < m_modules.size(); ++m) {
       std::vector<Index> remove = plan.remove[m];
       if (m_trial[m] && plan.add[m] == 0) remove.push_back(m_modules[m].rank() - 1);  // the trial goes
@@ -1055,7 +1090,7 @@ class RankAllocator {
     }
     const MovePlan plan = plan_moves(plan_in, std::max<Index>(0, m_budget - used()), m_options.gain_ratio,
                                      m_options.max_moves_per_round);
-    record_plan(event, plan, plan_in);
+    record_plan(event, plan, plan_in, scored);
     for (std::size_t m = 0; m < m_modules.size(); ++m)
       if (!plan.remove[m].empty()) remove_from(m, plan.remove[m]);
     for (std::size_t m = 0; m < m_modules.size(); ++m)
@@ -1106,6 +1141,7 @@ class RankAllocator {
     apply(plan);
     m_last_round_step = m_step;
     event.pruned = std::move(plan.pruned);
+    for (PrunedRank& r : event.pruned) r.error = error_of(scored.score_errors, static_cast<std::size_t>(r.module), r.rank);
     event.added = std::move(plan.add);
     event.mean_scores = std::move(plan.mean_scores);
     event.ranks_after = ranks();
@@ -1142,6 +1178,13 @@ class RankAllocator {
     for (std::size_t i = 0; i < m_births[m].size(); ++i)
       if (!std::binary_search(indices.begin(), indices.end(), Index(i))) kept.push_back(m_births[m][i]);
     m_births[m] = std::move(kept);
+  }
+
+  /// errors[m][i], or NaN when the estimator gave no standard errors.
+  static double error_of(const std::vector<std::vector<double>>& errors, std::size_t m, Index i) {
+    if (m >= errors.size() || i < 0 || static_cast<std::size_t>(i) >= errors[m].size())
+      return std::numeric_limits<double>::quiet_NaN();
+    return errors[m][static_cast<std::size_t>(i)];
   }
 
   /// How many of the ranks to remove were added at the previous successful round.

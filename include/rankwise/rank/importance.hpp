@@ -3,9 +3,11 @@
 /// Importance estimators: one score per active rank of every module, higher = more important.
 /// They share one interface (ImportanceEstimator) so the RankAllocator can use any of them.
 ///
-///   AblationImportance     AB-LoRA (Liu et al., 2024, arXiv:2403.16187, Eq. 6), on one fixed batch:
-///                          IS'(r) = CE(M without r) - CE(M with only r), by toggling rank gates
-///                          (no shape change); 2 R + 1 evaluations per scoring round, R = active ranks
+///   AblationImportance     AB-LoRA (Liu et al., 2024, arXiv:2403.16187, Eq. 6), on fixed validation
+///                          batches: IS'(r) = CE(M without r) - CE(M with only r), by toggling rank
+///                          gates (no shape change); (2 R + 1) B evaluations per scoring round, R =
+///                          active ranks, B = validation batches (scores: means over the batches, with
+///                          their standard errors from the batch-to-batch spread of the differences)
 ///   SensitivityImportance  AdaLoRA's (Zhang et al., 2023, arXiv:2303.10512) per-weight
 ///                          s = EMA(|w g|) * EMA(|I - EMA(I)|), averaged over each rank's row of A
 ///                          and column of B and summed; needs observe() after every backward
@@ -41,7 +43,12 @@ struct ImportanceScores {
   /// Ablation only: drop_costs[m][i] = CE(M without rank i of module m) - CE(M), the loss the model
   /// loses when that one rank goes (the gain-over-cost allocator compares it with predicted gains).
   std::vector<std::vector<double>> drop_costs;
-  double loss = std::numeric_limits<double>::quiet_NaN();  ///< CE(M) on the batch (ablation only)
+  /// Ablation over B >= 2 validation batches: the standard errors of scores and drop costs, sd / sqrt(B)
+  /// of their per-batch values (paired: every configuration sees the same batches). Empty for one batch.
+  std::vector<std::vector<double>> score_errors;
+  std::vector<std::vector<double>> drop_cost_errors;
+  double loss = std::numeric_limits<double>::quiet_NaN();  ///< CE(M), mean over the batches (ablation only)
+  Index batches = 0;             ///< validation batches each configuration was evaluated on (ablation only)
   long full_evaluations = 0;     ///< calls of the whole validation evaluation
   long partial_evaluations = 0;  ///< evaluations that started at a module's stage (upstream cache)
 };
@@ -158,7 +165,10 @@ struct StagedEvaluation {
 
 /// AB-LoRA scores from a user-supplied validation loss. The callable evaluates the model on one fixed,
 /// seeded validation batch in eval mode (accumulating the loss in double) and returns it; the
-/// estimator switches the adapters to eval mode and toggles their gates around it.
+/// estimator switches the adapters to eval mode and toggles their gates around it. With several
+/// batches (the second constructor) every configuration is evaluated on each of them; scores and drop
+/// costs are the means of the per-batch differences, and their standard errors are reported, so that a
+/// caller can tell a real difference between two ranks from the noise of the validation data.
 /// Errors: a non-finite loss stops the round with Status::NonFinite; an exception thrown by the
 /// callable is rethrown as rankwise::Error (the original nested, std::rethrow_if_nested). In both
 /// cases gates, training modes and shapes are restored first.
@@ -166,9 +176,20 @@ template <FloatScalar Scalar>
 class AblationImportance final : public ImportanceEstimator<Scalar> {
  public:
   explicit AblationImportance(std::function<double()> evaluate, AblationImportanceOptions options = {})
-      : m_evaluate(std::move(evaluate)), m_options(std::move(options)) {
+      : m_options(std::move(options)) {
+    if (!evaluate)
+      detail::fail("rankwise::AblationImportance", "the validation callable must be set (got an empty function)");
+    m_evaluate = [f = std::move(evaluate)](Index) { return f(); };
+    check_scope();
+  }
+
+  /// Scores averaged over `batches` fixed validation batches: evaluate(b) returns the loss on batch b,
+  /// 0 <= b < batches (equal-sized batches, so that the mean over them is the loss of their union).
+  AblationImportance(std::function<double(Index)> evaluate, Index batches, AblationImportanceOptions options = {})
+      : m_evaluate(std::move(evaluate)), m_options(std::move(options)), m_batches(batches) {
     if (!m_evaluate)
       detail::fail("rankwise::AblationImportance", "the validation callable must be set (got an empty function)");
+    if (batches < 1) detail::fail("rankwise::AblationImportance", "batches must be >= 1 (got ", batches, ")");
     check_scope();
   }
 
@@ -187,6 +208,8 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
   const char* name() const override { return "ablation"; }
   const AblationImportanceOptions& options() const { return m_options; }
   bool uses_stages() const { return m_use_stages; }
+  /// Validation batches every configuration is evaluated on (1 with the upstream-activation cache).
+  Index batches() const { return m_batches; }
 
   ImportanceScores score(std::span<RankModule<Scalar>> modules) override {
     detail::check_scorable("rankwise::AblationImportance", modules);
@@ -194,29 +217,34 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
       detail::fail("rankwise::AblationImportance", "module_stage must have one entry per module = ", modules.size(),
                    " (got ", m_staged.module_stage.size(), ")");
     ImportanceScores result;
+    result.batches = m_batches;
     Index ranks = 0;
     for (const RankModule<Scalar>& m : modules) ranks += m.rank();
-    m_total = (m_options.leave_one_out ? 1 : 2) * long(ranks) + 1;
+    m_total = ((m_options.leave_one_out ? 1 : 2) * long(ranks) + 1) * long(m_batches);
     if (m_use_stages && m_options.scope == AblationScope::Network && !m_options.leave_one_out) m_total += 1;
     m_done = 0;
-    std::vector<std::vector<double>> without(modules.size()), only(modules.size());
+    // Per-batch losses: of M, and of every rank's two ablations.
+    std::vector<double> full;
+    std::vector<std::vector<std::vector<double>>> without(modules.size()), only(modules.size());
     for (std::size_t m = 0; m < modules.size(); ++m) {
-      without[m].assign(static_cast<std::size_t>(modules[m].rank()), 0.0);
-      only[m].assign(static_cast<std::size_t>(modules[m].rank()), 0.0);
+      without[m].resize(static_cast<std::size_t>(modules[m].rank()));
+      only[m].resize(static_cast<std::size_t>(modules[m].rank()));
     }
 
     detail::GateGuard<Scalar> guard(modules);
     std::string label = "the network M";  // names the running evaluation in error messages
     try {
       for (RankModule<Scalar>& m : modules) m.set_training(false);
-      const double full = m_use_stages ? run(result, [&] { return m_staged.capture(0); }, true)
-                                       : run(result, [&] { return m_evaluate(); }, true);
-      if (!finite_or_report(full, label, result)) return result;
-      result.loss = full;
+      if (m_use_stages) {
+        full.assign(1, run(result, [&] { return m_staged.capture(0); }, true));
+        if (!finite_or_report(full, label, result)) return result;
+      } else if (!evaluate_batches(result, label, full)) {
+        return result;
+      }
       if (m_use_stages && m_options.scope == AblationScope::Network && !m_options.leave_one_out) {
         for (std::size_t m = 0; m < modules.size(); ++m) guard.zero_module(m);
         label = "the base model (every rank zeroed)";
-        const double base = run(result, [&] { return m_staged.capture(1); }, true);
+        const std::vector<double> base{run(result, [&] { return m_staged.capture(1); }, true)};
         if (!finite_or_report(base, label, result)) return result;
         for (std::size_t m = 0; m < modules.size(); ++m) guard.restore_module(m);
       }
@@ -225,10 +253,10 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
         for (Index i = 0; i < modules[m].rank(); ++i) {
           label = describe("M without rank", i, modules[m]);
           modules[m].set_gate(i, 0.0);
-          const double loss = evaluate(result, m, 0);
+          std::vector<double>& losses = without[m][static_cast<std::size_t>(i)];
+          const bool ok = evaluate(result, m, 0, label, losses);
           modules[m].set_gate(i, guard.saved(m, i));
-          if (!finite_or_report(loss, label, result)) return result;
-          without[m][static_cast<std::size_t>(i)] = loss;
+          if (!ok) return result;
         }
       }
       // M with only r: r's gate on, the others off (network-wide or within r's module).
@@ -240,10 +268,10 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
         for (Index i = 0; i < modules[m].rank(); ++i) {
           label = describe("M with only rank", i, modules[m]);
           modules[m].set_gate(i, guard.saved(m, i));
-          const double loss = evaluate(result, m, network ? 1 : 0);
+          std::vector<double>& losses = only[m][static_cast<std::size_t>(i)];
+          const bool ok = evaluate(result, m, network ? 1 : 0, label, losses);
           modules[m].set_gate(i, 0.0);
-          if (!finite_or_report(loss, label, result)) return result;
-          only[m][static_cast<std::size_t>(i)] = loss;
+          if (!ok) return result;
         }
         if (!network) guard.restore_module(m);
       }
@@ -255,14 +283,27 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
          << "; gates and shapes are restored";
       std::throw_with_nested(Error(os.str()));
     }
+    result.loss = mean_of(full);
+    const bool errors = full.size() > 1;
     result.scores.resize(modules.size());
     result.drop_costs.resize(modules.size());
+    if (errors) {
+      result.score_errors.resize(modules.size());
+      result.drop_cost_errors.resize(modules.size());
+    }
+    std::vector<double> cost(full.size()), score(full.size());
     for (std::size_t m = 0; m < modules.size(); ++m) {
-      result.scores[m].resize(without[m].size());
-      result.drop_costs[m].resize(without[m].size());
       for (std::size_t i = 0; i < without[m].size(); ++i) {
-        result.drop_costs[m][i] = without[m][i] - result.loss;
-        result.scores[m][i] = m_options.leave_one_out ? result.drop_costs[m][i] : without[m][i] - only[m][i];
+        for (std::size_t b = 0; b < full.size(); ++b) {
+          cost[b] = without[m][i][b] - full[b];
+          score[b] = m_options.leave_one_out ? cost[b] : without[m][i][b] - only[m][i][b];
+        }
+        result.drop_costs[m].push_back(mean_of(cost));
+        result.scores[m].push_back(mean_of(score));
+        if (errors) {
+          result.drop_cost_errors[m].push_back(standard_error(cost));
+          result.score_errors[m].push_back(standard_error(score));
+        }
       }
     }
     return result;
@@ -293,26 +334,56 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
     return loss;
   }
 
-  double evaluate(ImportanceScores& result, std::size_t module, int slot) {
-    if (m_use_stages) return run(result, [&] { return m_staged.evaluate_from(m_staged.module_stage[module], slot); },
-                                 false);
-    return run(result, [&] { return m_evaluate(); }, true);
+  /// The current configuration on every validation batch, into `losses`; false (and the result
+  /// reported) when a loss is not finite.
+  bool evaluate_batches(ImportanceScores& result, const std::string& label, std::vector<double>& losses) {
+    losses.resize(static_cast<std::size_t>(m_batches));
+    for (Index b = 0; b < m_batches; ++b)
+      losses[static_cast<std::size_t>(b)] = run(result, [&] { return m_evaluate(b); }, true);
+    return finite_or_report(losses, label, result);
   }
 
-  static bool finite_or_report(double loss, const std::string& label, ImportanceScores& result) {
-    if (std::isfinite(loss)) return true;
-    std::ostringstream os;
-    os << "[rankwise::AblationImportance] the validation loss of " << label << " is " << loss
-       << "; the round is abandoned and gates and shapes are restored";
-    result.status = Status::NonFinite;
-    result.message = os.str();
-    result.scores.clear();
-    return false;
+  bool evaluate(ImportanceScores& result, std::size_t module, int slot, const std::string& label,
+                std::vector<double>& losses) {
+    if (!m_use_stages) return evaluate_batches(result, label, losses);
+    losses.assign(1, run(result, [&] { return m_staged.evaluate_from(m_staged.module_stage[module], slot); }, false));
+    return finite_or_report(losses, label, result);
   }
 
-  std::function<double()> m_evaluate;
+  bool finite_or_report(const std::vector<double>& losses, const std::string& label, ImportanceScores& result) const {
+    for (std::size_t b = 0; b < losses.size(); ++b) {
+      if (std::isfinite(losses[b])) continue;
+      std::ostringstream os;
+      os << "[rankwise::AblationImportance] the validation loss of " << label;
+      if (m_batches > 1) os << " on validation batch " << b;
+      os << " is " << losses[b] << "; the round is abandoned and gates and shapes are restored";
+      result.status = Status::NonFinite;
+      result.message = os.str();
+      result.scores.clear();
+      return false;
+    }
+    return true;
+  }
+
+  static double mean_of(const std::vector<double>& v) {
+    double sum = 0.0;
+    for (double x : v) sum += x;
+    return v.empty() ? 0.0 : sum / double(v.size());
+  }
+
+  /// sd / sqrt(n) of n >= 2 values (sample standard deviation).
+  static double standard_error(const std::vector<double>& v) {
+    const double mean = mean_of(v);
+    double ss = 0.0;
+    for (double x : v) ss += (x - mean) * (x - mean);
+    const double n = double(v.size());
+    return std::sqrt(ss / (n - 1.0) / n);
+  }
+
+  std::function<double(Index)> m_evaluate;
   StagedEvaluation m_staged;
   AblationImportanceOptions m_options;
+  Index m_batches = 1;
   bool m_use_stages = false;
   long m_done = 0;
   long m_total = 0;
