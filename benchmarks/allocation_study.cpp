@@ -13,7 +13,7 @@
 // ranks left on modules planted at rank 0, the share of pruned ranks that had been added at the round
 // before (oscillation) and the allocator's cost as extra wall time over the uniform run.
 // Output: text on stdout, <out>/runs.csv (one row per run) and <out>/summary.md.
-// Run: build/benchmarks/allocation_study [--configs 12] [--seeds 5] [--jobs 2] [--out DIR] (docs/benchmarks.md)
+// Run: build/benchmarks/allocation_study [--configs 12] [--seeds 5] [--steps 1200] [--jobs 2] [--out DIR] (docs/benchmarks.md)
 #include <rankwise/models/base_checkpoint.hpp>
 #include <rankwise/models/finetune.hpp>
 #include <rankwise/models/teacher.hpp>
@@ -51,15 +51,15 @@ struct Settings {
   int configs = 12;
   int seeds = 5;
   int first_config = 1;
-  long steps = 400;
+  long steps = 1200;
   long pretrain_steps = 1500;
   Index batch = 32;
   Index eval_sequences = 256;
-  Index validation = 32;  // sequences of the allocator's fixed validation batch
-  Index validation_batches = 1;  // parts it is scored in (standard errors need >= 2)
+  Index validation = 128;         // sequences of the allocator's fixed validation batch
+  Index validation_batches = 4;  // parts it is scored in (standard errors need >= 2)
   int jobs = 2;
   double gain_ratio = 1.5;
-  std::string methods = "lora,paper,gain";
+  std::string methods = "lora,paper,gain,prune,prune-balanced,oracle";
   std::string basis = "inputs";  // where planted changes take their input directions (PlantBasis)
   std::string out = "allocation_study_output";
   std::string base;
@@ -386,7 +386,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"inputs", "weights"}));
   app.add_option("--out", s.out, "results directory");
   app.add_option("--base", s.base, "cached base directory (default: <out>/base-cache/...)");
-  app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps: a smoke run");
+  app.add_flag("--quick", s.quick, "two configurations, two seeds, 120 steps, a 32-sequence validation batch in 2 parts: a smoke run");
   app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
   CLI11_PARSE(app, argc, argv);
   for (const std::string& m : rankwise::bench::split_list(s.methods))
@@ -401,6 +401,8 @@ int main(int argc, char** argv) {
     s.steps = 120;
     s.pretrain_steps = 300;
     s.eval_sequences = 64;
+    s.validation = std::min<Index>(s.validation, 32);
+    s.validation_batches = std::min<Index>(s.validation_batches, 2);
   }
   Eigen::setNbThreads(1);
   const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,

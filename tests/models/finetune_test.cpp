@@ -7,6 +7,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
+#include <span>
+
 #include <Eigen/Core>
 
 #include <map>
@@ -196,6 +199,58 @@ TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports 
   CHECK(report.parameters.trainable == expected);
 }
 
+TEST_CASE("Finetuner: pruning by drop costs starts above the budget and ends at rank x modules", "[models][finetune]") {
+  Random rng(7);
+  ToyTransformer<float> model(kFinetuneModel, rng);
+  FinetuneRecipe recipe = tiny_recipe("alora", 48);
+  recipe.rank = 2;
+  recipe.alpha = 4.0;
+  recipe.importance = "drop_cost";
+  recipe.validation_batches = 2;
+  recipe.allocator = rankwise::pruning_schedule(recipe.steps);
+  Finetuner<float> tuner(model, recipe, validation_batch());
+  REQUIRE(tuner.allocator() != nullptr);
+  for (const auto& m : tuner.injection().modules) {
+    const auto& lora = m.slot->as<rankwise::LoRA<float>>();
+    CHECK(lora.rank() == 6);                   // prune_start_factor 3 x rank 2
+    CHECK(lora.scale() == Approx(4.0 / 2.0));  // alpha scaled alike: every rank keeps alpha / rank
+  }
+  CHECK(tuner.allocator()->budget() == 12 * 2);
+  train(tuner);
+  CHECK(tuner.finish() == rankwise::Status::Ok);
+  CHECK(tuner.allocator()->total_ranks() == 24);
+  // Every pruning event reports the standard errors of the pruned ranks' drop costs (two batches).
+  bool any = false;
+  for (const rankwise::AllocationEvent& e : tuner.allocator()->events())
+    for (const rankwise::PrunedRank& p : e.pruned) {
+      CHECK(std::isfinite(p.error));
+      CHECK(p.error >= 0.0);
+      any = true;
+    }
+  CHECK(any);
+}
+
+TEST_CASE("Finetuner: a caller's importance estimator scores the ranks", "[models][finetune]") {
+  struct Counting final : rankwise::ImportanceEstimator<float> {
+    int calls = 0;
+    const char* name() const override { return "counting"; }
+    rankwise::ImportanceScores score(std::span<rankwise::RankModule<float>> modules) override {
+      ++calls;
+      rankwise::ImportanceScores s;
+      for (const rankwise::RankModule<float>& m : modules)
+        s.scores.push_back(std::vector<double>(static_cast<std::size_t>(m.rank()), m.path().size()));
+      return s;
+    }
+  };
+  Random rng(7);
+  ToyTransformer<float> model(kFinetuneModel, rng);
+  auto estimator = std::make_shared<Counting>();
+  Finetuner<float> tuner(model, tiny_recipe("alora"), validation_batch(), nullptr, estimator);
+  train(tuner);
+  CHECK(tuner.finish() == rankwise::Status::Ok);
+  CHECK(estimator->calls == 4);  // the four rounds of the default schedule
+}
+
 TEST_CASE("Finetuner: an allocator that never acted is reported, not hidden", "[models][finetune]") {
   {
     Random rng(7);
@@ -271,6 +326,21 @@ TEST_CASE("Finetuner: bad recipes are rejected before the model changes", "[mode
   r = tiny_recipe("melora");
   r.melora_n = 3;  // 16 is not a multiple of 3
   rejects(r, "module 'layers.0.attn.q_proj'");
+  r = tiny_recipe("alora");
+  r.validation_batches = 9;  // the validation batch has 8 sequences
+  rejects(r, "validation_batches must be in [1, sequences of the validation batch = 8] (got 9)", validation);
+  r.validation_batches = 0;
+  rejects(r, "validation_batches must be in [1, sequences of the validation batch = 8] (got 0)", validation);
+  r = tiny_recipe("alora");
+  r.importance = "fisher";
+  rejects(r, "importance must be one of ablation, drop_cost, sensitivity, magnitude (got \"fisher\")", validation);
+  r = tiny_recipe("alora");
+  r.prune_start_factor = 1;
+  rejects(r, "prune_start_factor must be >= 2 (got 1)", validation);
+  r = tiny_recipe("alora");
+  r.allocator = rankwise::pruning_schedule(r.steps);
+  r.rank_pattern = {{"q_proj", 2}};
+  rejects(r, "rank_pattern does not combine with a prune-only allocator", validation);
   TokenBatch long_validation = validation;
   long_validation.seq_len = 20;
   rejects(tiny_recipe("alora"), "longer than the model's context max_seq_len = 19", long_validation);

@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <Eigen/LU>
 #include <Eigen/SVD>
 
 #include <algorithm>
@@ -375,6 +376,90 @@ TEST_CASE("TeacherTask: KL is 0 for the teacher, positive for the base, and LoRA
   const rankwise::DistillationScore tuned = rankwise::evaluate_distillation(student, held);
   INFO("KL base " << base.mean_kl() << " -> tuned " << tuned.mean_kl());
   CHECK(tuned.mean_kl() < 0.5 * base.mean_kl());
+}
+
+TEST_CASE("PlantedTeacher: basis Inputs plants changes that act on the data with their full rank", "[models][teacher]") {
+  Random rng(21);
+  ToyTransformer<float> base(kTeacherModel, rng);
+  pretrain(base, 30);
+  Random data(22);
+  const rankwise::TokenBatch batch = kMixture.sample(16, data);
+  // Two modules that read the same input (layer 0's attention), which neither change moves, so that
+  // the effect on the planting batch is exact.
+  const std::vector<ModuleRank> plan = {{"layers.0.attn.q_proj", 3}, {"layers.0.attn.v_proj", 5}};
+  Random plant_a(23), plant_b(23);
+  PlantedTeacher<float> on_inputs(base, plan, {.basis = rankwise::PlantBasis::Inputs}, plant_a, batch);
+  PlantedTeacher<float> on_weights(base, plan, {}, plant_b);
+  const std::vector<std::vector<double>> inputs_spectra = on_inputs.effect_spectra(batch);
+  const std::vector<std::vector<double>> weights_spectra = on_weights.effect_spectra(batch);
+  REQUIRE(inputs_spectra.size() == 2);
+  for (std::size_t i = 0; i < plan.size(); ++i) {
+    INFO(plan[i].path);
+    const std::vector<double>& s = inputs_spectra[i];
+    REQUIRE(s.size() == std::size_t(plan[i].rank));
+    CHECK(s.back() == Approx(s.front()).epsilon(1e-4));  // equal singular values of dW X (float inputs)
+    const std::vector<double>& w = weights_spectra[i];
+    CAPTURE(w);
+    CHECK(w.back() < 0.9 * w.front());  // drawn in weight space, the directions act unequally
+    // U is still orthonormal, and dW has exactly the planted rank.
+    const rankwise::PlantedChange& c = on_inputs.changes()[i];
+    CHECK_THAT(Matrix<double>(c.U.transpose() * c.U),
+               is_close_to(Matrix<double>(Matrix<double>::Identity(c.rank, c.rank)), 0, 1e-12));
+    const Matrix<double> delta = (weight_of(on_inputs.model(), c.path) - weight_of(base, c.path)).cast<double>();
+    CHECK_THAT(delta, is_close_to(c.delta(), 1e-5, 1e-6));
+    CHECK(Eigen::FullPivLU<Matrix<double>>(c.delta()).rank() == c.rank);
+  }
+  // The teacher's slots are plain linear layers again after their inputs were read.
+  on_inputs.model().for_each_slot([](const std::string& path, rankwise::AnyLinear<float>& slot) {
+    INFO(path);
+    CHECK(slot.kind() == "linear");
+  });
+  Random r(24);
+  CHECK_THROWS_WITH(PlantedTeacher<float>(base, plan, {.basis = rankwise::PlantBasis::Inputs}, r),
+                    Catch::Contains("basis Inputs needs a batch of inputs"));
+  CHECK_THROWS_WITH(PlantedTeacher<float>(base, plan, {.min_variance = 0.0}, r),
+                    Catch::Contains("min_variance must be in (0, 1] (got 0)"));
+  rankwise::TokenBatch one = kMixture.sample(1, r);
+  one.seq_len = 1;  // one token: the inputs of every module span one direction
+  one.tokens.resize(1);
+  one.targets.resize(1);
+  CHECK_THROWS_WITH(PlantedTeacher<float>(base, plan, {.basis = rankwise::PlantBasis::Inputs}, r, one),
+                    Catch::Contains("vary along fewer than 3 directions"));
+}
+
+TEST_CASE("TeacherLoss: the teacher's distributions of a batch seen before are reused, and stay right",
+          "[models][teacher]") {
+  Random rng(31);
+  ToyTransformer<float> student(kTeacherModel, rng);
+  Random plant_rng(32);
+  PlantedTeacher<float> teacher(student, {{"layers.1.attn.v_proj", 2}}, {.scale = 2.0}, plant_rng);
+  rankwise::TeacherLoss<float> loss(teacher.model());
+  Random data(33);
+  std::vector<rankwise::TokenBatch> batches;
+  for (int i = 0; i < 20; ++i) batches.push_back(kMixture.sample(4, data));  // more than the cache holds
+  std::vector<double> first;
+  Matrix<float> logits, dlogits;
+  const auto value_of = [&](const rankwise::TokenBatch& b) {
+    student.set_training(false);
+    student.forward(b.tokens, b.seq_len, logits);
+    return loss.value(logits, b);
+  };
+  for (const rankwise::TokenBatch& b : batches) first.push_back(value_of(b));
+  // Training steps in between (forward_backward never fills the cache) do not disturb later values.
+  student.forward(batches[3].tokens, batches[3].seq_len, logits);
+  loss.forward_backward(logits, batches[7], dlogits);
+  for (std::size_t i = 0; i < batches.size(); ++i) {
+    INFO(i);
+    CHECK(value_of(batches[i]) == first[i]);  // bit for bit, cached or not
+  }
+  // And the value is the distillation KL computed from scratch.
+  Matrix<float> teacher_logits;
+  teacher.model().forward(batches[5].tokens, batches[5].seq_len, teacher_logits);
+  const rankwise::TeacherBatch<float> target =
+      rankwise::make_teacher_batch<float>(batches[5], teacher_logits, 1.0, DistillPositions::Targets);
+  student.forward(batches[5].tokens, batches[5].seq_len, logits);
+  rankwise::DistillationLoss<float> direct;
+  CHECK(direct.forward(logits, target) == Approx(first[5]).epsilon(1e-12));
 }
 
 TEST_CASE("compare_allocation: per-module table and summary on a hand-made allocation", "[models][teacher]") {

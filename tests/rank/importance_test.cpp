@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -287,6 +288,62 @@ TEST_CASE("AblationImportance: a NaN or a throwing validation leaves everything 
   for (Index i = 0; i < 3; ++i) CHECK(model.first.gate(i) == 1.0);
   CHECK(model.first.is_training());
   CHECK(outputs(model) == before);
+}
+
+TEST_CASE("AblationImportance: over several validation batches, scores are means with standard errors",
+          "[rank][importance]") {
+  TwoLayerModel model;
+  std::vector<RankModule<float>> modules = model.modules();
+  // Three batches: the model's batch and two others; the callable says which one to evaluate.
+  Random rng(11);
+  const std::vector<Matrix<float>> inputs = {model.x, random_matrix<float>(5, 16, rng), random_matrix<float>(5, 16, rng)};
+  std::vector<Index> seen;
+  const auto on_batch = [&](Index b) {
+    seen.push_back(b);
+    model.x = inputs[static_cast<std::size_t>(b)];
+    return model.evaluate();
+  };
+  AblationImportance<float> estimator(on_batch, 3, {.leave_one_out = false});
+  CHECK(estimator.batches() == 3);
+  const rankwise::ImportanceScores s = estimator.score(modules);
+  REQUIRE(s.status == Status::Ok);
+  CHECK(s.batches == 3);
+  CHECK(s.full_evaluations == 3 * (2 * 5 + 1));  // every configuration on every batch
+  CHECK(seen.size() == 33);
+  // Each rank's score against the same score computed per batch by the one-batch estimator.
+  std::vector<rankwise::ImportanceScores> per_batch;
+  for (Index b = 0; b < 3; ++b) {
+    model.x = inputs[static_cast<std::size_t>(b)];
+    AblationImportance<float> one([&] { return model.evaluate(); });
+    per_batch.push_back(one.score(modules));
+    CHECK(per_batch.back().score_errors.empty());  // one batch: no standard errors
+  }
+  REQUIRE(s.score_errors.size() == 2);
+  REQUIRE(s.drop_cost_errors.size() == 2);
+  double loss = 0.0;
+  for (const rankwise::ImportanceScores& b : per_batch) loss += b.loss / 3.0;
+  CHECK(s.loss == Approx(loss).epsilon(1e-12));
+  for (std::size_t m = 0; m < 2; ++m)
+    for (std::size_t i = 0; i < s.scores[m].size(); ++i) {
+      for (const auto& [value, error, field] :
+           {std::tuple{s.scores[m][i], s.score_errors[m][i], &rankwise::ImportanceScores::scores},
+            std::tuple{s.drop_costs[m][i], s.drop_cost_errors[m][i], &rankwise::ImportanceScores::drop_costs}}) {
+        double mean = 0.0, ss = 0.0;
+        for (const rankwise::ImportanceScores& b : per_batch) mean += (b.*field)[m][i] / 3.0;
+        for (const rankwise::ImportanceScores& b : per_batch) ss += ((b.*field)[m][i] - mean) * ((b.*field)[m][i] - mean);
+        CAPTURE(m, i);
+        CHECK(value == Approx(mean).epsilon(1e-10).margin(1e-12));
+        CHECK(error == Approx(std::sqrt(ss / 2.0 / 3.0)).epsilon(1e-10).margin(1e-12));
+        CHECK(error > 0.0);  // different batches give different differences
+      }
+    }
+  // A non-finite loss on one batch names the batch.
+  AblationImportance<float> failing([&](Index b) { return b == 2 ? std::nan("") : on_batch(b); }, 3);
+  const rankwise::ImportanceScores bad = failing.score(modules);
+  CHECK(bad.status == Status::NonFinite);
+  CHECK_THAT(bad.message, Catch::Contains("the network M on validation batch 2 is nan"));
+  CHECK_THROWS_WITH(AblationImportance<float>(on_batch, 0), Catch::Contains("batches must be >= 1 (got 0)"));
+  CHECK_THROWS_WITH(AblationImportance<float>(std::function<double(Index)>{}, 2), Catch::Contains("empty function"));
 }
 
 TEST_CASE("AblationImportance: invalid set-ups are rejected", "[rank][importance][errors]") {
