@@ -6,12 +6,16 @@
 //   lora       uniform LoRA at the budget (every module the same rank)
 //   paper      ALoRA exactly as the paper specifies it (AB-LoRA scores, prune n_A and reallocate)
 //   gain       rankwise's gain-over-cost allocator (docs/rank/alora.md)
-//   oracle     (on request) LoRA on the planted modules only, ranks in proportion to the planted ones
-// from the same uniform start, and the program reports every configuration (mean and standard
-// deviation over seeds) and the family: how often and by how much each allocator beats uniform LoRA
-// on the held-out teacher KL, the Spearman correlation of its final ranks with the planted ones, the
-// ranks left on modules planted at rank 0, the share of pruned ranks that had been added at the round
-// before (oscillation) and the allocator's cost as extra wall time over the uniform run.
+//   prune      rankwise's recommended allocator: LoRA at 3 x the rank, pruned by drop costs to the
+//              budget (pruning_schedule()); prune-x<k> starts at k x the rank, prune-ab / prune-sens /
+//              prune-mag prune by AB-LoRA, sensitivity or magnitude scores
+//   prune-balanced  the control: the same start and schedule, ending at uniform ranks
+//   oracle     LoRA on the planted modules only, ranks in proportion to the planted ones
+// and the program reports every configuration (mean and standard deviation over seeds) and the
+// family: how often and by how much each allocator beats uniform LoRA on the held-out teacher KL,
+// the Spearman correlation of its final ranks with the planted ones, the ranks left on modules planted
+// at rank 0, the share of pruned ranks that had been added at the round before (oscillation) and the
+// allocator's cost: extra wall time over the uniform run and the scoring rounds' share of the run.
 // Output: text on stdout, <out>/runs.csv (one row per run) and <out>/summary.md.
 // Run: build/benchmarks/allocation_study [--configs 12] [--seeds 5] [--steps 1200] [--jobs 2] [--out DIR] (docs/benchmarks.md)
 #include <rankwise/models/base_checkpoint.hpp>
@@ -379,7 +383,8 @@ int main(int argc, char** argv) {
                  "parts the validation batch is scored in (their spread gives the scores' standard errors)")
       ->check(CLI::Range(1, 4096));
   app.add_option("--methods", s.methods,
-                 "comma-separated: lora, paper, gain, oracle (LoRA on the planted modules, ranks in proportion)");
+                 "comma-separated: lora, paper, gain, prune, prune-x<k>, prune-ab, prune-sens, prune-mag, "
+                 "prune-balanced (the control), oracle (LoRA on the planted modules, ranks in proportion)");
   app.add_option("--basis", s.basis,
                  "planted changes orthonormal in the inputs' metric (inputs: every direction moves the outputs "
                  "alike) or in weight space (weights)")

@@ -14,6 +14,8 @@
 //   alora         ALoRA (AB-LoRA ablation scores), total rank = lora's (prune and reallocate)
 //   alora_sens    the same allocator with AdaLoRA's sensitivity scores
 //   alora_gain    rankwise's gain-over-cost allocator (docs/rank/alora.md), total rank = lora's
+//   alora_prune   rankwise's recommended allocation: from 3 x the rank, pruned by drop costs to lora's
+//                 total rank (pruning_schedule(), docs/rank/alora.md)
 // Tasks: relabel and sort (exact-match accuracy), teacher (KL(teacher || student) in nats per scored
 // token, the teacher being the base plus planted changes of known ranks; ALoRA's final ranks are set
 // against the planted ones). One pre-trained base (cached) serves every run; the seed varies the
@@ -115,7 +117,14 @@ std::vector<Method> all_methods(const Settings& s) {
   Method gain{"alora_gain", recipe("alora", s.rank), {}};
   gain.recipe.allocator = rankwise::gain_over_cost_schedule(s.steps);
   gain.validation = 4 * s.batch;  // its drop costs need a larger batch than one step's (docs/rank/alora.md)
+  gain.recipe.validation_batches = 4;
   m.push_back(gain);
+  Method prune{"alora_prune", recipe("alora", s.rank), {}};
+  prune.recipe.allocator = rankwise::pruning_schedule(s.steps);
+  prune.recipe.importance = "drop_cost";
+  prune.recipe.validation_batches = 4;
+  prune.validation = 4 * s.batch;
+  m.push_back(prune);
   if (s.methods.empty()) return m;
   std::vector<Method> chosen;
   for (const std::string& name : rankwise::bench::split_list(s.methods)) {
@@ -276,7 +285,7 @@ TaskResults run_unit(const std::string& task_name, Model& base, const rankwise::
     if (const rankwise::RankAllocator<float>* allocator = tuner.allocator()) {
       const auto& modules = tuner.injection().modules;
       for (std::size_t i = 0; i < modules.size(); ++i)
-        results.ranks.push_back({method.name, std::uint64_t(seed), 0, modules[i].path, recipe.rank});
+        results.ranks.push_back({method.name, std::uint64_t(seed), 0, modules[i].path, allocator->initial_ranks()[i]});
       Index round = 0;
       for (const rankwise::AllocationEvent& e : allocator->events()) {
         if (e.status != rankwise::Status::Ok || e.ranks_after.size() != modules.size()) continue;

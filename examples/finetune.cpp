@@ -48,8 +48,9 @@ struct Settings {
   std::string output = "finetune_output";
   bool quiet = false;
   bool small = false;  // a tiny model and short runs, for the test suite
-  std::string allocator = "gain";  // alora: gain (rankwise's gain over cost) or paper (ALoRA as published)
-  Index validation = 128;          // alora: sequences of the fixed batch the allocator scores on
+  std::string allocator = "gain";  // alora: gain (gain over cost), prune (by drop costs) or paper (as published)
+  Index validation = 128;           // alora: sequences of the fixed batch the allocator scores on
+  Index validation_batches = 4;     // alora: parts it is scored in (the scores' standard errors)
 };
 
 double seconds_since(Clock::time_point start) {
@@ -114,10 +115,19 @@ int run(const Settings& s) {
   recipe.lr = s.lr > 0.0 ? s.lr : rankwise::recommended_lr(s.adapter);
   recipe.seed = s.seed;
   // [snippet: recipe]
-  if (s.allocator != "gain" && s.allocator != "paper")
-    rankwise::detail::fail("finetune", "--allocator must be gain or paper (got \"", s.allocator, "\")");
-  if (s.adapter == "alora" && s.allocator == "gain")  // otherwise the Finetuner's default: the paper's procedure
-    recipe.allocator = rankwise::gain_over_cost_schedule(recipe.steps);
+  if (s.allocator != "prune" && s.allocator != "gain" && s.allocator != "paper")
+    rankwise::detail::fail("finetune", "--allocator must be prune, gain or paper (got \"", s.allocator, "\")");
+  if (s.adapter == "alora") {
+    // [snippet: allocator]
+    if (s.allocator == "prune") {  // start at 3 x rank, prune by drop costs to rank x modules
+      recipe.allocator = rankwise::pruning_schedule(recipe.steps);
+      recipe.importance = "drop_cost";
+    } else if (s.allocator == "gain") {
+      recipe.allocator = rankwise::gain_over_cost_schedule(recipe.steps);
+    }  // paper: the Finetuner's default, ALoRA's procedure as published
+    recipe.validation_batches = s.validation_batches;
+    // [snippet: allocator]
+  }
   // The teacher task's inputs are the pre-training mixture; its targets come from the teacher.
   const bool distill = s.task == "teacher";
   const rankwise::TaskGenerator task(distill ? rankwise::TaskKind::Mixture : rankwise::task_kind_from_name(s.task),
@@ -278,9 +288,14 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", s.quiet, "no progress display");
   app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
   app.add_option("--allocator", s.allocator,
-                 "alora's policy: gain (rankwise's gain over cost, docs/rank/alora.md) or paper (ALoRA as published)")
+                 "alora's policy: gain (gain over cost; docs/rank/alora.md), prune (from 3 x rank, by drop costs) "
+                 "or paper (ALoRA as published)")
       ->capture_default_str();
   app.add_option("--validation", s.validation, "alora: sequences in the fixed batch the allocator scores on")
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
+  app.add_option("--validation-batches", s.validation_batches,
+                 "alora: parts the validation batch is scored in (gives the scores' standard errors)")
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
   try {
@@ -300,6 +315,7 @@ int main(int argc, char** argv) {
     s.eval_sequences = std::min<Index>(s.eval_sequences, 64);
     s.rank = std::min<Index>(s.rank, 4);
     s.validation = std::min<Index>(s.validation, 32);
+    s.validation_batches = std::min<Index>(s.validation_batches, 2);
   }
   try {
     return run(s);
