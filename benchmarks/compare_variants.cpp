@@ -283,7 +283,7 @@ TaskResults run_unit(const std::string& task_name, Model& base, const rankwise::
       }
     }
     if (const rankwise::RankAllocator<float>* allocator = tuner.allocator()) {
-      const auto& modules = tuner.injection().modules;
+      const auto& modules = tuner.adapters().modules();
       for (std::size_t i = 0; i < modules.size(); ++i)
         results.ranks.push_back({method.name, std::uint64_t(seed), 0, modules[i].path, allocator->initial_ranks()[i]});
       Index round = 0;

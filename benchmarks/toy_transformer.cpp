@@ -28,7 +28,7 @@
 #include <rankwise/layers/embedding.hpp>
 #include <rankwise/layers/gelu.hpp>
 #include <rankwise/layers/layer_norm.hpp>
-#include <rankwise/models/injection.hpp>
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/optim/adamw.hpp>
 
@@ -190,7 +190,7 @@ class Runner {
       rankwise::InjectionOptions o;
       o.all_linear = true;
       o.adapter.options = rankwise::LoRAOptions{.rank = kRank, .alpha = 16.0};
-      rankwise::inject_adapters(m_model, o, m_rng);
+      rankwise::inject(m_model, o, m_rng);
     }
     if (mode == Mode::Frozen)
       m_model.for_each_slot([](const std::string&, rankwise::AnyLinear<float>& slot) {

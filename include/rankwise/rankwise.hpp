@@ -20,9 +20,9 @@
 #include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
 
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/base_checkpoint.hpp>
 #include <rankwise/models/finetune.hpp>
-#include <rankwise/models/injection.hpp>
 #include <rankwise/models/tasks.hpp>
 #include <rankwise/models/teacher.hpp>
 #include <rankwise/models/toy_transformer.hpp>

@@ -9,7 +9,7 @@
 #include <rankwise/adapters/vera.hpp>
 #include <rankwise/rank/dylora_sampler.hpp>
 #include <rankwise/layers/cross_entropy.hpp>
-#include <rankwise/models/injection.hpp>
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/optim/adamw.hpp>
@@ -148,7 +148,7 @@ TEST_CASE("ToyTransformer + LoRA: a training step after the first does not alloc
       rankwise::InjectionOptions injection;
       injection.all_linear = true;
       injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0, .dropout = setup == 0 ? 0.1 : 0.0};
-      rankwise::inject_adapters(model, injection, rng);
+      rankwise::inject(model, injection, rng);
     }
     std::vector<rankwise::Parameter<float>*> params = model.parameters();
     rankwise::AdamW<float> opt(params, {});

@@ -192,7 +192,7 @@ TEST_CASE("Finetuner: the allocator acts, keeps the budget, and the run reports 
   CHECK_THAT(report.allocation_table, Catch::Contains("total ranks"));
   // Trainable parameters follow the ranks: sum of r (in + out).
   Index expected = 0;
-  for (const auto& m : tuner.injection().modules) {
+  for (const auto& m : tuner.adapters().modules()) {
     const auto& lora = m.slot->as<rankwise::LoRA<float>>();
     expected += lora.rank() * (lora.in_features() + lora.out_features());
   }
@@ -210,7 +210,7 @@ TEST_CASE("Finetuner: pruning by drop costs starts above the budget and ends at 
   recipe.allocator = rankwise::pruning_schedule(recipe.steps);
   Finetuner<float> tuner(model, recipe, validation_batch());
   REQUIRE(tuner.allocator() != nullptr);
-  for (const auto& m : tuner.injection().modules) {
+  for (const auto& m : tuner.adapters().modules()) {
     const auto& lora = m.slot->as<rankwise::LoRA<float>>();
     CHECK(lora.rank() == 6);                   // prune_start_factor 3 x rank 2
     CHECK(lora.scale() == Approx(4.0 / 2.0));  // alpha scaled alike: every rank keeps alpha / rank

@@ -2,7 +2,7 @@
 #include <rankwise/models/teacher.hpp>
 
 #include <rankwise/adapters/lora.hpp>
-#include <rankwise/models/injection.hpp>
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/optim/adamw.hpp>
 
 #include "support/matchers.hpp"
@@ -306,7 +306,7 @@ TEST_CASE("DistillationLoss: gradient matches finite differences, alone and thro
   PlantedTeacher<double> planted(student_model, plan, {}, rng);
   TeacherTask<double> task(planted.model(), kMixture, {.temperature = 1.5});
   const rankwise::TeacherBatch<double> batch = task.sample(2, rng);
-  rankwise::inject_adapters(student_model, lora_on(plan), rng);
+  rankwise::inject(student_model, lora_on(plan), rng);
   for (rankwise::Parameter<double>* p : student_model.parameters())
     if (p->trainable && p->value.isZero(0.0)) rankwise::fill_normal(p->value, 0.0, 0.3, rng);
   const auto loss_of = [&] {
@@ -358,7 +358,7 @@ TEST_CASE("TeacherTask: KL is 0 for the teacher, positive for the base, and LoRA
   CHECK(base.mean_kl() > 0.04);  // four changes of 0.02 each on the calibration batch
   CHECK(student.is_training());  // restored
 
-  rankwise::inject_adapters(student, lora_on(plan), rng);
+  rankwise::inject(student, lora_on(plan), rng);
   std::vector<rankwise::Parameter<float>*> params = student.parameters();
   rankwise::AdamW<float> optimizer(params, {.lr = 1e-2, .weight_decay = 0.0});
   rankwise::DistillationLoss<float> loss;
@@ -526,7 +526,7 @@ TEST_CASE("Teacher task: bad input is rejected with clear messages", "[models][t
   {
     Random r(3);
     ToyTransformer<float> adapted(kTeacherModel, r);
-    rankwise::inject_adapters(adapted, lora_on({{"layers.1.attn.v_proj", 1}}), r);
+    rankwise::inject(adapted, lora_on({{"layers.1.attn.v_proj", 1}}), r);
     CHECK_THROWS_WITH(PlantedTeacher<float>(adapted, {{"lm_head", 1}}, {}, r),
                       Catch::Contains("must hold plain linear modules (got a \"lora\" at 'layers.1.attn.v_proj')"));
   }

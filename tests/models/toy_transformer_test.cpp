@@ -1,9 +1,9 @@
-// Tests for rankwise/models/toy_transformer.hpp and rankwise/models/injection.hpp.
+// Tests for rankwise/models/toy_transformer.hpp and rankwise/models/adapter_set.hpp.
 #include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/adapters/vera.hpp>
 #include <rankwise/layers/cross_entropy.hpp>
-#include <rankwise/models/injection.hpp>
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/tasks.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/optim/adamw.hpp>
@@ -100,7 +100,7 @@ TEST_CASE("ToyTransformer: gradients stay right with adapters injected", "[model
     if (std::string(name) == "melora") options.adapter.options = rankwise::MELoRAOptions{.n = 2, .mini_rank = 1};
     if (std::string(name) == "vera") options.vera_rank = 4;
     if (std::string(name) != "red") options.all_linear = true;
-    rankwise::inject_adapters(model, options, rng);
+    rankwise::inject(model, options, rng);
     randomize_trainable(model, rng);  // zero-initialised B (and VeRA's b) would hide bugs
     const Data d = tiny_data(rng, 2, 4, 11);
     Index checked = 0;
@@ -121,7 +121,7 @@ TEST_CASE("ToyTransformer: under frozen embeddings the first block skips its inp
     InjectionOptions options;
     options.all_linear = true;
     options.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
-    rankwise::inject_adapters(model, options, rng);
+    rankwise::inject(model, options, rng);
     randomize_trainable(model, rng);
     for (rankwise::Parameter<double>* p : model.parameters())
       if (p->name.rfind("embed_", 0) == 0) {
@@ -156,10 +156,10 @@ TEST_CASE("ToyTransformer: under frozen embeddings the first block skips its inp
     if (p->name.rfind("embed_", 0) == 0) CHECK_FALSE(p->grad.isZero(0.0));  // the full path did run
 }
 
-TEST_CASE("inject_adapters: each pattern kind selects exactly the intended modules", "[models][injection]") {
+TEST_CASE("inject: each pattern kind selects exactly the intended modules", "[models][injection]") {
   Random rng(3);
   ToyTransformer<float> model({.vocab = 16, .d_model = 8, .heads = 2, .layers = 3, .d_ff = 8, .max_seq_len = 4}, rng);
-  const auto select = [&](InjectionOptions o) { return rankwise::select_targets(model, o); };
+  const auto select = [&](InjectionOptions o) { return rankwise::select_targets(rankwise::slot_paths<float>(model), o); };
   InjectionOptions suffix;
   suffix.target_modules = {"q_proj", "attn.v_proj"};
   CHECK(select(suffix) == std::vector<std::string>{"layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.attn.q_proj",
@@ -179,18 +179,18 @@ TEST_CASE("inject_adapters: each pattern kind selects exactly the intended modul
   CHECK(select(red) == std::vector<std::string>{"layers.0.mlp.down_proj", "layers.1.mlp.down_proj", "layers.2.mlp.down_proj"});
 }
 
-TEST_CASE("inject_adapters: everything not adapted is frozen, with per-module ranks", "[models][injection]") {
+TEST_CASE("inject: everything not adapted is frozen, with per-module ranks", "[models][injection]") {
   Random rng(4);
   ToyTransformer<float> model({.vocab = 16, .d_model = 8, .heads = 2, .layers = 2, .d_ff = 8, .max_seq_len = 4}, rng);
   InjectionOptions o;
   o.target_modules = {"q_proj", "v_proj"};
   o.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
   o.rank_pattern = {{"layers.1.attn.v_proj", 4}};
-  const auto injection = rankwise::inject_adapters(model, o, rng);
-  REQUIRE(injection.modules.size() == 4);
-  CHECK(injection.modules[3].path == "layers.1.attn.v_proj");
-  CHECK(injection.modules[3].slot->as<rankwise::LoRA<float>>().rank() == 4);
-  CHECK(injection.modules[0].slot->as<rankwise::LoRA<float>>().rank() == 2);
+  const auto injection = rankwise::inject(model, o, rng);
+  REQUIRE(injection.size() == 4);
+  CHECK(injection.modules()[3].path == "layers.1.attn.v_proj");
+  CHECK(injection.modules()[3].slot->as<rankwise::LoRA<float>>().rank() == 4);
+  CHECK(injection.modules()[0].slot->as<rankwise::LoRA<float>>().rank() == 2);
   for (rankwise::Parameter<float>* p : model.parameters()) {
     const bool adapter = p->name.find("lora_") != std::string::npos;
     INFO(p->name);
@@ -201,29 +201,29 @@ TEST_CASE("inject_adapters: everything not adapted is frozen, with per-module ra
   CHECK_THAT(s.to_string(), Catch::StartsWith("trainable params: 160 || all params: "));
 }
 
-TEST_CASE("inject_adapters: bad patterns and names are rejected without changing the model", "[models][injection][errors]") {
+TEST_CASE("inject: bad patterns and names are rejected without changing the model", "[models][injection][errors]") {
   Random rng(5);
   ToyTransformer<float> model({.vocab = 16, .d_model = 8, .heads = 2, .layers = 1, .d_ff = 8, .max_seq_len = 4}, rng);
   InjectionOptions none;
   none.target_modules = {"c_attn"};
-  CHECK_THROWS_WITH(rankwise::inject_adapters(model, none, rng),
+  CHECK_THROWS_WITH(rankwise::inject(model, none, rng),
                     Catch::Contains("matches no module") && Catch::Contains("layers.0.attn.q_proj") &&
                         Catch::Contains("lm_head"));
   InjectionOptions unknown;
   unknown.all_linear = true;
   unknown.adapter.name = "ia3";
-  CHECK_THROWS_WITH(rankwise::inject_adapters(model, unknown, rng), Catch::Contains("got \"ia3\""));
+  CHECK_THROWS_WITH(rankwise::inject(model, unknown, rng), Catch::Contains("got \"ia3\""));
   InjectionOptions two;
   two.all_linear = true;
   two.target_modules = {"q_proj"};
-  CHECK_THROWS_WITH(rankwise::inject_adapters(model, two, rng), Catch::Contains("exactly one of"));
+  CHECK_THROWS_WITH(rankwise::inject(model, two, rng), Catch::Contains("exactly one of"));
   InjectionOptions bad_regex;
   bad_regex.target_regex = "(";
-  CHECK_THROWS_WITH(rankwise::inject_adapters(model, bad_regex, rng), Catch::Contains("not a valid regular expression"));
+  CHECK_THROWS_WITH(rankwise::inject(model, bad_regex, rng), Catch::Contains("not a valid regular expression"));
   InjectionOptions too_big;
   too_big.all_linear = true;
   too_big.adapter.options = rankwise::LoRAOptions{.rank = 9};
-  CHECK_THROWS_WITH(rankwise::inject_adapters(model, too_big, rng), Catch::Contains("module 'layers.0.attn.q_proj'"));
+  CHECK_THROWS_WITH(rankwise::inject(model, too_big, rng), Catch::Contains("module 'layers.0.attn.q_proj'"));
   for (const std::string& path : model.linear_paths()) CHECK(model.linear(path).kind() == "linear");
   for (rankwise::Parameter<float>* p : model.parameters()) CHECK(p->trainable);
 }
@@ -261,7 +261,7 @@ TEST_CASE("ToyTransformer: copy_parameters_from gives the same model, or refuses
   lora.target_modules = {"q_proj"};
   lora.adapter.name = "lora";
   lora.adapter.options = rankwise::LoRAOptions{.rank = 2, .alpha = 4.0};
-  rankwise::inject_adapters(b, lora, rng);
+  rankwise::inject(b, lora, rng);
   const Matrix<double> before = b.parameters().front()->value;
   rankwise::fill_normal(a.parameters().front()->value, 0.0, 1.0, rng);
   CHECK_THROWS_WITH(b.copy_parameters_from(a), Catch::Contains("the same tensors"));
@@ -280,7 +280,7 @@ TEST_CASE("ToyTransformer: fine-tuning lowers the loss for every adapter, frozen
     if (name == "melora") o.adapter.options = rankwise::MELoRAOptions{.n = 2, .mini_rank = 2};
     if (name == "vera") o.vera_rank = 16;
     if (name != "red") o.all_linear = true;
-    rankwise::inject_adapters(model, o, rng);
+    rankwise::inject(model, o, rng);
     std::vector<std::pair<std::string, Matrix<float>>> frozen;
     for (rankwise::Parameter<float>* p : model.parameters())
       if (!p->trainable) frozen.emplace_back(p->name, p->value);
@@ -316,18 +316,18 @@ TEST_CASE("ToyTransformer: fine-tuning lowers the loss for every adapter, frozen
   }
 }
 
-TEST_CASE("inject_adapters: by hand, as docs/models/toy-transformer.md shows it", "[models][injection]") {
+TEST_CASE("inject: by hand, as docs/models/toy-transformer.md shows it", "[models][injection]") {
   Random rng(8);
   ToyTransformer<float> model({.vocab = 16, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 4}, rng);
   // [snippet: inject]
   rankwise::InjectionOptions options;
   options.adapter = {"lora", rankwise::LoRAOptions{.rank = 8, .alpha = 16.0}};
   options.target_modules = {"q_proj", "v_proj"};
-  const rankwise::Injection<float> adapters = rankwise::inject_adapters(model, options, rng);
-  rankwise::LoRA<float>& q0 = adapters.modules[0].slot->as<rankwise::LoRA<float>>();  // layers.0.attn.q_proj
+  const rankwise::AdapterSet<float> adapters = rankwise::inject(model, options, rng);
+  rankwise::LoRA<float>& q0 = adapters.slot("layers.0.attn.q_proj").as<rankwise::LoRA<float>>();
   // [snippet: inject]
-  CHECK(adapters.modules.size() == 4);
-  CHECK(adapters.modules[0].path == "layers.0.attn.q_proj");
+  CHECK(adapters.size() == 4);
+  CHECK(adapters.modules()[0].path == "layers.0.attn.q_proj");
   CHECK(q0.rank() == 8);
   CHECK(q0.scale() == 2.0);
 }

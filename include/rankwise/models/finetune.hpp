@@ -31,7 +31,7 @@
 #include <rankwise/io/peft.hpp>
 #include <rankwise/io/rankwise_adapter.hpp>
 #include <rankwise/layers/cross_entropy.hpp>
-#include <rankwise/models/injection.hpp>
+#include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/tasks.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/optim/adamw.hpp>
@@ -299,7 +299,7 @@ struct FinetuneRecipe {
   std::vector<std::string> target_modules{};
   std::string target_regex{};                 ///< or a regular expression over the whole path
   /// PEFT's rank_pattern and alpha_pattern (LoRA, DyLoRA, ERAT): per-module rank and alpha, keyed by
-  /// module-path suffix or regular expression (models/injection.hpp).
+  /// module-path suffix or regular expression (models/adapter_set.hpp).
   std::map<std::string, Index> rank_pattern{};
   std::map<std::string, double> alpha_pattern{};
   AdapterOptions options{};                   ///< replaces the options built from rank and alpha (same kind)
@@ -453,7 +453,7 @@ class Finetuner {
   const std::vector<double>& losses() const { return m_losses; }
   const StepInfo& last_step() const { return m_last; }
   const FinetuneRecipe& recipe() const { return m_recipe; }
-  const Injection<Scalar>& injection() const { return m_injection; }
+  const AdapterSet<Scalar>& adapters() const { return m_adapters; }
   const LRSchedule& schedule() const { return m_schedule; }
   AdamW<Scalar>& optimizer() { return m_optimizer; }
   ToyTransformer<Scalar>& model() { return m_model; }
@@ -483,7 +483,7 @@ class Finetuner {
   template <typename T>
   std::vector<NamedAdapter<T>> adapters() const {
     std::vector<NamedAdapter<T>> out;
-    for (const InjectedModule<Scalar>& m : m_injection.modules) {
+    for (const InjectedModule<Scalar>& m : m_adapters.modules()) {
       if constexpr (std::is_same_v<T, AnyLinear<Scalar>>)
         out.push_back({m.path, m.slot});
       else
@@ -572,7 +572,7 @@ class Finetuner {
       : m_model(model),
         m_recipe(checked(model, recipe, validation)),
         m_rng(recipe.seed),
-        m_injection(inject_adapters(model, injection_options(recipe), m_rng)),
+        m_adapters(inject(model, injection_options(recipe), m_rng)),
         m_params(trainable_parameters(model)),
         m_optimizer(m_params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay}),
         m_schedule(schedule_of(recipe)),
@@ -691,7 +691,7 @@ class Finetuner {
 
   void set_up_hooks() {
     const Index layers = m_model.config().layers;
-    for (const InjectedModule<Scalar>& m : m_injection.modules) {
+    for (const InjectedModule<Scalar>& m : m_adapters.modules()) {
       if (m.slot->kind() != "dylora" && m.slot->kind() != "erat") continue;
       m_dylora.push_back(&m.slot->template as<DyLoRA<Scalar>>());
       m_dylora_paths.push_back(m.path);
@@ -707,7 +707,7 @@ class Finetuner {
                              m_rng);
     if (m_recipe.adapter == "alora") {
       std::vector<RankModule<Scalar>> modules;
-      for (const InjectedModule<Scalar>& m : m_injection.modules)
+      for (const InjectedModule<Scalar>& m : m_adapters.modules())
         modules.emplace_back(m.slot->template as<LoRA<Scalar>>(), m.path);
       RankAllocatorOptions options;
       if (m_recipe.allocator) {
@@ -795,7 +795,7 @@ class Finetuner {
   ToyTransformer<Scalar>& m_model;
   FinetuneRecipe m_recipe;
   Random m_rng;
-  Injection<Scalar> m_injection;
+  AdapterSet<Scalar> m_adapters;
   std::vector<Parameter<Scalar>*> m_params;
   AdamW<Scalar> m_optimizer;
   LRSchedule m_schedule;
