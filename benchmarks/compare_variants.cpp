@@ -26,6 +26,11 @@
 // Units of work (a task and a seed: every method) run on --jobs threads at once, one Eigen thread each
 // by default. Run: build/benchmarks/compare_variants [--quick] [--seeds 3] [--jobs 2] [--out DIR]
 // (docs/benchmarks.md)
+#include <rankwise/models/base_checkpoint.hpp>
+#include <rankwise/models/finetune.hpp>
+#include <rankwise/models/tasks.hpp>
+#include <rankwise/models/teacher.hpp>
+#include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/rankwise.hpp>
 
 #include "bench_context.hpp"

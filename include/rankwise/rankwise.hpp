@@ -1,6 +1,8 @@
 #pragma once
 /// \file rankwise/rankwise.hpp
 /// Everything public in rankwise, for applications and examples. Library headers never include it.
+/// The toy transformer, its tasks, teacher and Finetuner are a demonstration, not the library: include
+/// <rankwise/models/toy_transformer.hpp>, tasks.hpp, teacher.hpp, finetune.hpp, base_checkpoint.hpp.
 
 #include <rankwise/version.hpp>
 
@@ -21,11 +23,6 @@
 #include <rankwise/layers/linear.hpp>
 
 #include <rankwise/models/adapter_set.hpp>
-#include <rankwise/models/base_checkpoint.hpp>
-#include <rankwise/models/finetune.hpp>
-#include <rankwise/models/tasks.hpp>
-#include <rankwise/models/teacher.hpp>
-#include <rankwise/models/toy_transformer.hpp>
 
 #include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/adapters/dylora.hpp>

@@ -238,7 +238,7 @@ TEST_CASE("Finetuner: a caller's importance estimator scores the ranks", "[model
       ++calls;
       rankwise::ImportanceScores s;
       for (const rankwise::RankModule<float>& m : modules)
-        s.scores.push_back(std::vector<double>(static_cast<std::size_t>(m.rank()), m.path().size()));
+        s.scores.push_back(std::vector<double>(static_cast<std::size_t>(m.rank()), double(m.path().size())));
       return s;
     }
   };

@@ -325,9 +325,9 @@ TEST_CASE("DistillationLoss: gradient matches finite differences, alone and thro
   Index checked = 0;
   for (rankwise::Parameter<double>* p : student_model.parameters()) {
     if (!p->trainable) continue;
-    const Matrix<double> numeric = rankwise::test_support::central_differences(p->value, loss_of);
+    const Matrix<double> numeric_grad = rankwise::test_support::central_differences(p->value, loss_of);
     for (Index i = 0; i < p->value.size(); ++i) {
-      const double n = numeric.data()[i];
+      const double n = numeric_grad.data()[i];
       worst = std::max(worst, std::abs(p->grad.data()[i] - n) / std::max(1.0, std::abs(n)));
       ++checked;
     }

@@ -99,12 +99,12 @@ class SlotList {
 };
 
 struct InjectionOptions {
-  AdapterSpec adapter;                         ///< adapter name and options
-  std::vector<std::string> target_modules;     ///< suffix names
-  std::string target_regex;                    ///< or a regex over the whole path
-  bool all_linear = false;                     ///< or every linear module but lm_head
-  std::map<std::string, Index> rank_pattern;   ///< per-module rank (LoRA: rank, DyLoRA: max_rank)
-  std::map<std::string, double> alpha_pattern; ///< per-module alpha (LoRA, DyLoRA)
+  AdapterSpec adapter{};                         ///< adapter name and options
+  std::vector<std::string> target_modules{};     ///< suffix names
+  std::string target_regex{};                    ///< or a regex over the whole path
+  bool all_linear = false;                       ///< or every linear module but lm_head
+  std::map<std::string, Index> rank_pattern{};   ///< per-module rank (LoRA: rank, DyLoRA: max_rank)
+  std::map<std::string, double> alpha_pattern{}; ///< per-module alpha (LoRA, DyLoRA)
   Index vera_rank = 256;                       ///< rank of VeRA's shared bank (PEFT's default r)
 };
 
