@@ -16,6 +16,7 @@
 //   alora_gain    rankwise's gain-over-cost allocator (docs/rank/alora.md), total rank = lora's
 //   alora_prune   rankwise's recommended allocation: from 3 x the rank, pruned by drop costs to lora's
 //                 total rank (pruning_schedule(), docs/rank/alora.md)
+//   alora_prune_sens  the same pruning with AdaLoRA's sensitivity scores (no validation evaluations)
 // Tasks: relabel and sort (exact-match accuracy), teacher (KL(teacher || student) in nats per scored
 // token, the teacher being the base plus planted changes of known ranks; ALoRA's final ranks are set
 // against the planted ones). One pre-trained base (cached) serves every run; the seed varies the
@@ -130,6 +131,10 @@ std::vector<Method> all_methods(const Settings& s) {
   prune.recipe.validation_batches = 4;
   prune.validation = 4 * s.batch;
   m.push_back(prune);
+  Method prune_sens{"alora_prune_sens", recipe("alora", s.rank), {}};  // no validation evaluations
+  prune_sens.recipe.allocator = rankwise::pruning_schedule(s.steps);
+  prune_sens.recipe.importance = "sensitivity";
+  m.push_back(prune_sens);
   if (s.methods.empty()) return m;
   std::vector<Method> chosen;
   for (const std::string& name : rankwise::bench::split_list(s.methods)) {
