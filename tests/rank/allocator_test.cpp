@@ -722,13 +722,25 @@ struct PlantedOutcome {
   std::string table;
 };
 
+// The fit of uniform LoRA on the planted problem of `seed`: what every allocator is set against.
+double uniform_fit(std::uint64_t seed) {
+  Planted uniform(seed);
+  rankwise::AdamW<float> optimizer(uniform.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+  return uniform.train(planted_steps, nullptr, optimizer);
+}
+
+// The final ranks against the planted ones, and the allocator's tables for a failure's report.
+void record_allocation(PlantedOutcome& out, const Planted& planted, const RankAllocator<float>& allocator) {
+  for (std::size_t m = 0; m < planted.truth.size(); ++m) {
+    out.final_ranks.push_back(double(planted.layers[m].rank()));
+    out.truth.push_back(double(planted.truth[m]));
+  }
+  out.table = allocator.format_table() + allocator.format_events();
+}
+
 PlantedOutcome run_planted(std::uint64_t seed, bool sensitivity) {
   PlantedOutcome out;
-  {
-    Planted uniform(seed);
-    rankwise::AdamW<float> optimizer(uniform.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
-    out.uniform_fit = uniform.train(planted_steps, nullptr, optimizer);
-  }
+  out.uniform_fit = uniform_fit(seed);
   Planted planted(seed);
   rankwise::AblationImportance<float> ablation([&] { return planted.loss(planted.x_val, true); });
   rankwise::SensitivityImportance<float> sensitivity_estimator;
@@ -744,11 +756,7 @@ PlantedOutcome run_planted(std::uint64_t seed, bool sensitivity) {
   CHECK(allocator.finish() == Status::Ok);
   CHECK(allocator.rounds_done() == 8);
   CHECK(allocator.total_ranks() <= 16);
-  for (std::size_t m = 0; m < planted.truth.size(); ++m) {
-    out.final_ranks.push_back(double(planted.layers[m].rank()));
-    out.truth.push_back(double(planted.truth[m]));
-  }
-  out.table = allocator.format_table() + allocator.format_events();
+  record_allocation(out, planted, allocator);
   return out;
 }
 
@@ -774,11 +782,7 @@ TEST_CASE("RankAllocator: sensitivity scores find planted per-layer ranks and be
 
 PlantedOutcome run_planted_gain(std::uint64_t seed, Index* pruned_recent = nullptr) {
   PlantedOutcome out;
-  {
-    Planted uniform(seed);
-    rankwise::AdamW<float> optimizer(uniform.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
-    out.uniform_fit = uniform.train(planted_steps, nullptr, optimizer);
-  }
+  out.uniform_fit = uniform_fit(seed);
   Planted planted(seed);
   rankwise::AblationImportance<float> ablation([&] { return planted.loss(planted.x_val, true); },
                                                {.leave_one_out = true});
@@ -794,11 +798,7 @@ PlantedOutcome run_planted_gain(std::uint64_t seed, Index* pruned_recent = nullp
   Index recent = 0;
   for (const rankwise::AllocationEvent& e : allocator.events()) recent += e.pruned_recent;
   if (pruned_recent) *pruned_recent = recent;
-  for (std::size_t m = 0; m < planted.truth.size(); ++m) {
-    out.final_ranks.push_back(double(planted.layers[m].rank()));
-    out.truth.push_back(double(planted.truth[m]));
-  }
-  out.table = allocator.format_table() + allocator.format_events();
+  record_allocation(out, planted, allocator);
   return out;
 }
 
@@ -896,11 +896,7 @@ TEST_CASE("RankAllocator: gain-over-cost options are checked", "[rank][allocator
 // costs to the same total of 16 ranks.
 PlantedOutcome run_planted_pruning(std::uint64_t seed) {
   PlantedOutcome out;
-  {
-    Planted uniform(seed);
-    rankwise::AdamW<float> optimizer(uniform.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
-    out.uniform_fit = uniform.train(planted_steps, nullptr, optimizer);
-  }
+  out.uniform_fit = uniform_fit(seed);
   Planted planted(seed);
   Random extra(seed + 200);
   for (LoRA<float>& l : planted.layers) l.add_ranks(2 * l.rank(), extra);
@@ -916,11 +912,7 @@ PlantedOutcome run_planted_pruning(std::uint64_t seed) {
   out.fit = planted.train(planted_steps, &allocator, optimizer);
   CHECK(allocator.finish() == Status::Ok);
   CHECK(allocator.total_ranks() == 16);
-  for (std::size_t m = 0; m < planted.truth.size(); ++m) {
-    out.final_ranks.push_back(double(planted.layers[m].rank()));
-    out.truth.push_back(double(planted.truth[m]));
-  }
-  out.table = allocator.format_table() + allocator.format_events();
+  record_allocation(out, planted, allocator);
   return out;
 }
 
