@@ -7,8 +7,10 @@
 //   paper      ALoRA exactly as the paper specifies it (AB-LoRA scores, prune n_A and reallocate)
 //   gain       rankwise's gain-over-cost allocator (docs/rank/alora.md)
 //   prune      rankwise's recommended allocator: LoRA at 3 x the rank, pruned by drop costs to the
-//              budget (pruning_schedule()); prune-x<k> starts at k x the rank, prune-ab / prune-sens /
-//              prune-mag prune by AB-LoRA, sensitivity or magnitude scores
+//              budget (pruning_schedule()); prune-x<k> starts at k x the rank, prune-fisher /
+//              prune-ab / prune-sens / prune-mag prune by Fisher drop costs (prune-fisher<digits>: EMA
+//              factor 0.<digits>), AB-LoRA, sensitivity (prune-sens-sum: summed over each slice, not
+//              averaged) or magnitude scores
 //   prune-balanced  the control: the same start and schedule, ending at uniform ranks
 //   oracle     LoRA on the planted modules only, ranks in proportion to the planted ones
 // and the program reports every configuration (mean and standard deviation over seeds) and the
@@ -201,15 +203,16 @@ rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configurati
   rankwise::RankAllocatorOptions a;
   if (method.rfind("prune", 0) == 0) {
     // rankwise's recommended allocation: three times the rank to start, pruned by drop costs to the
-    // budget (pruning_schedule()). Variants: prune-x<k> starts at k times the rank; prune-ab,
-    // prune-sens and prune-mag prune by AB-LoRA, sensitivity or magnitude scores; prune-balanced is the
-    // control that ends at uniform ranks (BalancedScores).
+    // budget (pruning_schedule()). Variants: prune-x<k> starts at k times the rank; prune-fisher,
+    // prune-ab, prune-sens and prune-mag prune by Fisher drop costs, AB-LoRA, sensitivity or magnitude
+    // scores; prune-balanced is the control that ends at uniform ranks (BalancedScores).
     r.importance = "drop_cost";
     std::stringstream parts(method);
     for (std::string part; std::getline(parts, part, '-');) {
       if (part.size() > 1 && part[0] == 'x') r.prune_start_factor = std::stol(part.substr(1));
       if (part == "ab") r.importance = "ablation";
       if (part == "sens") r.importance = "sensitivity";
+      if (part.rfind("fisher", 0) == 0) r.importance = "fisher";  // fisher<digits>: beta = 0.<digits>
       if (part == "mag") r.importance = "magnitude";
     }
     r.allocator = rankwise::pruning_schedule(s.steps);
@@ -275,6 +278,12 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       auto loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher.model());
       std::shared_ptr<rankwise::ImportanceEstimator<float>> estimator;
       if (method == "prune-balanced") estimator = std::make_shared<BalancedScores>();
+      if (const std::size_t f = method.find("-fisher"); f != std::string::npos && method.size() > f + 7)
+        estimator = std::make_shared<rankwise::FisherImportance<float>>(
+            rankwise::FisherImportanceOptions{.beta = std::stod("0." + method.substr(f + 7))});
+      if (method.find("-sum") != std::string::npos)  // sensitivity summed over each slice (not averaged)
+        estimator = std::make_shared<rankwise::SensitivityImportance<float>>(
+            rankwise::SensitivityImportanceOptions{.reduction = rankwise::SliceReduction::Sum});
       rankwise::Finetuner<float> tuner(model, recipe, validation, loss, estimator);
       Random data_rng(std::uint64_t(seed) * 104729 + 3);
       const auto start = Clock::now();
@@ -383,7 +392,8 @@ int main(int argc, char** argv) {
                  "parts the validation batch is scored in (their spread gives the scores' standard errors)")
       ->check(CLI::Range(1, 4096));
   app.add_option("--methods", s.methods,
-                 "comma-separated: lora, paper, gain, prune, prune-x<k>, prune-ab, prune-sens, prune-mag, "
+                 "comma-separated: lora, paper, gain, prune, prune-x<k>, prune-fisher[<digits>], prune-ab, prune-sens[-sum], "
+                 "prune-mag, "
                  "prune-balanced (the control), oracle (LoRA on the planted modules, ranks in proportion)");
   app.add_option("--basis", s.basis,
                  "planted changes orthonormal in the inputs' metric (inputs: every direction moves the outputs "

@@ -17,6 +17,8 @@
 //   alora_prune   rankwise's recommended allocation: from 3 x the rank, pruned by drop costs to lora's
 //                 total rank (pruning_schedule(), docs/rank/alora.md)
 //   alora_prune_sens  the same pruning with AdaLoRA's sensitivity scores (no validation evaluations)
+//   alora_prune_fisher  the same pruning with drop costs predicted from the training gradients (the
+//              empirical Fisher information of each rank's gate; no validation evaluations)
 // Tasks: relabel and sort (exact-match accuracy), teacher (KL(teacher || student) in nats per scored
 // token, the teacher being the base plus planted changes of known ranks; ALoRA's final ranks are set
 // against the planted ones). One pre-trained base (cached) serves every run; the seed varies the
@@ -135,6 +137,10 @@ std::vector<Method> all_methods(const Settings& s) {
   prune_sens.recipe.allocator = rankwise::pruning_schedule(s.steps);
   prune_sens.recipe.importance = "sensitivity";
   m.push_back(prune_sens);
+  Method prune_fisher{"alora_prune_fisher", recipe("alora", s.rank), {}};  // drop costs from training gradients
+  prune_fisher.recipe.allocator = rankwise::pruning_schedule(s.steps);
+  prune_fisher.recipe.importance = "fisher";
+  m.push_back(prune_fisher);
   if (s.methods.empty()) return m;
   std::vector<Method> chosen;
   for (const std::string& name : rankwise::bench::split_list(s.methods)) {

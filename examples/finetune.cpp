@@ -48,7 +48,7 @@ struct Settings {
   std::string output = "finetune_output";
   bool quiet = false;
   bool small = false;  // a tiny model and short runs, for the test suite
-  std::string allocator = "prune-sens";  // alora: prune-sens, prune (by drop costs), gain or paper (as published)
+  std::string allocator = "prune-fisher";  // alora: prune-fisher, prune-sens, prune, gain or paper (as published)
   Index validation = 128;           // alora: sequences of the fixed batch the allocator scores on
   Index validation_batches = 4;     // alora: parts it is scored in (the scores' standard errors)
 };
@@ -115,14 +115,17 @@ int run(const Settings& s) {
   recipe.lr = s.lr > 0.0 ? s.lr : rankwise::recommended_lr(s.adapter);
   recipe.seed = s.seed;
   // [snippet: recipe]
-  if (s.allocator != "prune-sens" && s.allocator != "prune" && s.allocator != "gain" && s.allocator != "paper")
-    rankwise::detail::fail("finetune", "--allocator must be prune-sens, prune, gain or paper (got \"", s.allocator,
-                           "\")");
+  if (s.allocator != "prune-fisher" && s.allocator != "prune-sens" && s.allocator != "prune" && s.allocator != "gain" &&
+      s.allocator != "paper")
+    rankwise::detail::fail("finetune", "--allocator must be prune-fisher, prune-sens, prune, gain or paper (got \"",
+                           s.allocator, "\")");
   if (s.adapter == "alora") {
     // [snippet: allocator]
-    if (s.allocator == "prune-sens" || s.allocator == "prune") {  // start at 3 x rank, prune to rank x modules
+    if (s.allocator.starts_with("prune")) {  // start at 3 x rank, prune to rank x modules
       recipe.allocator = rankwise::pruning_schedule(recipe.steps);
-      recipe.importance = s.allocator == "prune" ? "drop_cost" : "sensitivity";
+      recipe.importance = s.allocator == "prune-fisher" ? "fisher"      // drop costs from training gradients
+                          : s.allocator == "prune-sens" ? "sensitivity"  // AdaLoRA's scores
+                                                        : "drop_cost";   // measured on the validation batch
     } else if (s.allocator == "gain") {
       recipe.allocator = rankwise::gain_over_cost_schedule(recipe.steps);
     }  // paper: the Finetuner's default, ALoRA's procedure as published
@@ -289,8 +292,9 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", s.quiet, "no progress display");
   app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
   app.add_option("--allocator", s.allocator,
-                 "alora's policy: prune-sens (from 3 x rank, pruned by sensitivity; docs/rank/alora.md), prune "
-                 "(the same by drop costs), gain (gain over cost) or paper (ALoRA as published)")
+                 "alora's policy: prune-fisher (from 3 x rank, pruned by drop costs predicted from the training "
+                 "gradients; docs/rank/alora.md), prune-sens (the same by sensitivity), prune (by drop costs measured "
+                 "on the validation batch), gain (gain over cost) or paper (ALoRA as published)")
       ->capture_default_str();
   app.add_option("--validation", s.validation, "alora: sequences in the fixed batch the allocator scores on")
       ->check(CLI::Range(1, 100000))

@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
   rankwise::fill_normal(u, 0.0, 1.0, rng);
   rankwise::fill_normal(v, 0.0, 0.5, rng);
   const Mat teacher_b = teacher_a + u * v;
-  const Data test_b = make_data(teacher_b, 2048, rng), validation_b = make_data(teacher_b, 512, rng);
+  const Data test_b = make_data(teacher_b, 2048, rng);
 
   // Pre-training on A: the user's own loop, every weight trained.
   Classifier model(in, hidden, classes, rng);
@@ -138,9 +138,7 @@ int main(int argc, char** argv) {
                                   .all_linear = true};
   rankwise::AdapterSet<float> adapters = rankwise::inject(model, lora, rng);
   rankwise::AdamW<float> optimizer(adapters.parameters(), {.lr = 5e-3, .weight_decay = 0.0});
-  rankwise::AblationImportance<float> drop_costs(
-      [&](Index) { return cross_entropy(model.forward(validation_b.x), validation_b.labels, nullptr); }, 1,
-      {.leave_one_out = true});
+  rankwise::FisherImportance<float> drop_costs;  // predicted from the training gradients: no extra passes
   rankwise::RankAllocatorOptions schedule = rankwise::pruning_schedule(steps);
   schedule.budget = rank * adapters.size();
   rankwise::RankAllocator<float> allocator(adapters.rank_modules(), drop_costs, schedule, rng);

@@ -44,6 +44,7 @@
 #include <rankwise/optim/sgd.hpp>
 
 #include <rankwise/rank/allocator.hpp>
+#include <rankwise/rank/hooks.hpp>
 #include <rankwise/rank/importance.hpp>
 #include <rankwise/rank/module.hpp>
 

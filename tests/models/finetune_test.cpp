@@ -230,6 +230,43 @@ TEST_CASE("Finetuner: pruning by drop costs starts above the budget and ends at 
   CHECK(any);
 }
 
+TEST_CASE("Finetuner: pruning by Fisher drop costs needs no validation batch, and a caller's hook runs every step",
+          "[models][finetune]") {
+  struct Counting final : rankwise::TrainingHook {
+    long before = 0, after = 0, finished = 0, last_step = -1;
+    const char* name() const override { return "counting"; }
+    void before_step(long step) override {
+      CHECK(step == last_step + 1);
+      ++before;
+    }
+    void after_step(long step) override {
+      last_step = step;
+      ++after;
+    }
+    rankwise::Status finish() override {
+      ++finished;
+      return rankwise::Status::Ok;
+    }
+  };
+  Random rng(7);
+  ToyTransformer<float> model(kFinetuneModel, rng);
+  FinetuneRecipe recipe = tiny_recipe("alora", 48);
+  recipe.rank = 2;
+  recipe.alpha = 4.0;
+  recipe.importance = "fisher";
+  recipe.allocator = rankwise::pruning_schedule(recipe.steps);
+  Finetuner<float> tuner(model, recipe);  // no validation batch: the scores come from the training gradients
+  Counting counting;
+  tuner.add_hook(counting);
+  train(tuner);
+  CHECK(tuner.finish() == rankwise::Status::Ok);
+  CHECK(counting.before == 48);
+  CHECK(counting.after == 48);
+  CHECK(counting.finished == 1);
+  CHECK(tuner.allocator()->total_ranks() == 24);  // from 3 x 2 x 12 modules to 2 x 12
+  CHECK(tuner.allocator()->events().size() >= 2);  // the budget was reached over several rounds
+}
+
 TEST_CASE("Finetuner: a caller's importance estimator scores the ranks", "[models][finetune]") {
   struct Counting final : rankwise::ImportanceEstimator<float> {
     int calls = 0;
@@ -332,8 +369,8 @@ TEST_CASE("Finetuner: bad recipes are rejected before the model changes", "[mode
   r.validation_batches = 0;
   rejects(r, "validation_batches must be in [1, sequences of the validation batch = 8] (got 0)", validation);
   r = tiny_recipe("alora");
-  r.importance = "fisher";
-  rejects(r, "importance must be one of ablation, drop_cost, sensitivity, magnitude (got \"fisher\")", validation);
+  r.importance = "entropy";
+  rejects(r, "importance must be one of ablation, drop_cost, fisher, sensitivity, magnitude (got \"entropy\")", validation);
   r = tiny_recipe("alora");
   r.prune_start_factor = 1;
   rejects(r, "prune_start_factor must be >= 2 (got 1)", validation);

@@ -449,3 +449,99 @@ TEST_CASE("MagnitudeImportance: |s| ||B[:, i]|| ||A[i, :]|| per rank", "[rank][i
   lora.set_gate(1, 0.0);
   CHECK(estimator.score(modules).scores[0][1] == 0.0);
 }
+
+TEST_CASE("FisherImportance: d_i = g_i dL/dg_i from either factor, scored as the bias-corrected EMA(d_i^2) / 2",
+          "[rank][importance]") {
+  Random rng(8);
+  LoRA<double> lora(Linear<double>(6, 5, rng), {.rank = 3, .alpha = 6.0}, rng);
+  lora.B_parameter().value = random_matrix<double>(5, 3, rng);
+  lora.set_gate(2, 0.7);  // d_i carries the gate: it is what setting the gate to 0 moves, to first order
+  std::vector<RankModule<double>> modules{RankModule<double>(lora, "fc")};
+  const double beta = 0.6;
+  rankwise::FisherImportance<double> estimator({.beta = beta});
+  CHECK(estimator.needs_observations());
+  CHECK_THROWS_AS(estimator.score(modules), rankwise::StateError);  // nothing observed yet
+  const auto loss_at = [&](const Matrix<double>& x, const Matrix<double>& t) {
+    Matrix<double> y;
+    lora.forward(x, y);
+    return 0.5 * (y - t).squaredNorm();
+  };
+  std::vector<double> ema(3, 0.0);
+  for (int step = 1; step <= 4; ++step) {
+    const Matrix<double> x = random_matrix<double>(6, 7, rng), t = random_matrix<double>(5, 7, rng);
+    lora.zero_grad();
+    Matrix<double> y, dx;
+    lora.forward(x, y);
+    lora.backward(y - t, dx);
+    estimator.observe(modules);
+    for (Index i = 0; i < 3; ++i) {
+      // Independent: g dL/dg by central differences on the gate, and the same sum over B's column.
+      const double g = lora.gate(i), h = 1e-6;
+      lora.set_gate(i, g + h);
+      const double up = loss_at(x, t);
+      lora.set_gate(i, g - h);
+      const double down = loss_at(x, t);
+      lora.set_gate(i, g);
+      const double d = g * (up - down) / (2 * h);
+      const double from_a = lora.A().row(i).dot(lora.A_parameter().grad.row(i));
+      const double from_b = lora.B().col(i).dot(lora.B_parameter().grad.col(i));
+      CHECK(from_a == Approx(d).epsilon(1e-6));
+      CHECK(from_b == Approx(d).epsilon(1e-6));
+      ema[static_cast<std::size_t>(i)] = beta * ema[static_cast<std::size_t>(i)] + (1 - beta) * d * d;
+    }
+    const rankwise::ImportanceScores s = estimator.score(modules);
+    REQUIRE(s.status == Status::Ok);
+    for (std::size_t i = 0; i < 3; ++i)
+      CHECK(s.scores[0][i] == Approx(0.5 * ema[i] / (1 - std::pow(beta, step))).epsilon(1e-6));
+  }
+  CHECK(estimator.observations() == 4);
+  // Surgery: kept ranks keep their history; a fresh rank has none and scores 0 until observed, then is
+  // corrected for its own (shorter) history.
+  const rankwise::ImportanceScores before = estimator.score(modules);
+  const Index gone[] = {0};
+  estimator.follow(lora.remove_ranks(gone));
+  estimator.follow(lora.add_ranks(1, rng));
+  const rankwise::ImportanceScores after = estimator.score(modules);
+  CHECK(after.scores[0][0] == before.scores[0][1]);
+  CHECK(after.scores[0][1] == before.scores[0][2]);
+  CHECK(after.scores[0][2] == 0.0);
+  lora.B_parameter().value.col(2).setConstant(0.3);
+  lora.zero_grad();
+  {
+    const Matrix<double> x = random_matrix<double>(6, 7, rng), t = random_matrix<double>(5, 7, rng);
+    Matrix<double> y, dx;
+    lora.forward(x, y);
+    lora.backward(y - t, dx);
+  }
+  estimator.observe(modules);
+  const double d = lora.A().row(2).dot(lora.A_parameter().grad.row(2));
+  CHECK(estimator.score(modules).scores[0][2] == Approx(0.5 * d * d).epsilon(1e-9));  // (1 - beta) d^2 / (1 - beta)
+  // Unfollowed surgery is caught; an invalid beta is refused.
+  lora.add_ranks(1, rng);
+  CHECK_THROWS_WITH(estimator.observe(modules), Catch::Contains("call follow()"));
+  CHECK_THROWS_WITH(rankwise::FisherImportance<float>({.beta = 1.0}), Catch::Contains("beta must be in [0, 1)"));
+  CHECK_THROWS_WITH(rankwise::FisherImportance<float>({.beta = -0.1}), Catch::Contains("beta must be in [0, 1)"));
+}
+
+TEST_CASE("SensitivityImportance: SliceReduction::Sum adds a slice's weights instead of averaging them",
+          "[rank][importance]") {
+  Random rng(6);
+  LoRA<float> lora(Linear<float>(7, 4, rng), {.rank = 2}, rng);
+  lora.B_parameter().value = random_matrix<float>(4, 2, rng);
+  std::vector<RankModule<float>> modules{RankModule<float>(lora, "fc")};
+  rankwise::SensitivityImportance<float> mean({.beta1 = 0.5, .beta2 = 0.5});
+  rankwise::SensitivityImportance<float> sum({.beta1 = 0.5, .beta2 = 0.5, .reduction = rankwise::SliceReduction::Sum});
+  lora.A_parameter().grad = random_matrix<float>(2, 7, rng);
+  lora.B_parameter().grad = random_matrix<float>(4, 2, rng);
+  mean.observe(modules);
+  sum.observe(modules);
+  const rankwise::ImportanceScores m = mean.score(modules), s = sum.score(modules);
+  for (Index i = 0; i < 2; ++i) {
+    // One observation: Ibar = I / 2 and Ubar = I / 4 per weight, so each weight contributes I^2 / 8.
+    const auto ia = (lora.A().row(i).cast<double>().array() * lora.A_parameter().grad.row(i).cast<double>().array());
+    const auto ib = (lora.B().col(i).cast<double>().array() * lora.B_parameter().grad.col(i).cast<double>().array());
+    const double a2 = ia.square().sum() / 8.0, b2 = ib.square().sum() / 8.0;
+    CHECK(s.scores[0][static_cast<std::size_t>(i)] == Approx(a2 + b2).epsilon(1e-5));          // 7 + 4 weights
+    CHECK(m.scores[0][static_cast<std::size_t>(i)] == Approx(a2 / 7.0 + b2 / 4.0).epsilon(1e-5));  // per-slice means
+  }
+}

@@ -4,8 +4,8 @@
 /// (one fine-tuning run with an adapter chosen by name), so that examples and benchmarks share one loop.
 ///
 ///   Finetuner(model, recipe, validation)   injects the recipe's adapters, builds AdamW over the
-///                 trainable parameters and owns the rank hooks: DyLoRA's rank sampler, ERAT-DLoRA's
-///                 windows, ALoRA's RankAllocator (AB-LoRA scores on the fixed validation batch)
+///                 trainable parameters and owns the training hooks (rank/hooks.hpp): DyLoRA's rank
+///                 sampler, ERAT-DLoRA's windows, ALoRA's RankAllocator; add_hook() adds the caller's
 ///   step(batch)   checks the batch; samplers set ranks; zero_grad; forward; loss and dL/dlogits
 ///                 (a TrainingLoss: token cross-entropy unless another is given); backward; clipping;
 ///                 learning-rate schedule; AdamW; the allocator's hook. Returns the loss.
@@ -38,6 +38,7 @@
 #include <rankwise/optim/grad_clip.hpp>
 #include <rankwise/optim/lr_schedule.hpp>
 #include <rankwise/rank/allocator.hpp>
+#include <rankwise/rank/hooks.hpp>
 #include <rankwise/rank/dylora_sampler.hpp>
 #include <rankwise/rank/erat_sampler.hpp>
 #include <rankwise/rank/importance.hpp>
@@ -318,8 +319,9 @@ struct FinetuneRecipe {
   std::optional<RankAllocatorOptions> allocator{};
   /// ALoRA's importance scores: "ablation" (AB-LoRA, the paper's; needs the validation batch),
   /// "drop_cost" (its leave-one-out half: the validation loss a rank's removal costs; what gain over
-  /// cost always uses), "sensitivity" (AdaLoRA's smoothed |w dL/dw| with its uncertainty, from the
-  /// training gradients) or "magnitude" (|B| |A| per rank, a cheap baseline).
+  /// cost always uses), "fisher" (the drop cost predicted from the training gradients: the empirical
+  /// Fisher information of each rank's gate, FisherImportance), "sensitivity" (AdaLoRA's smoothed
+  /// |w dL/dw| with its uncertainty) or "magnitude" (|B| |A| per rank, a cheap baseline).
   std::string importance = "ablation";
   /// AB-LoRA's validation batch is scored as this many equal parts (its sequences split in order):
   /// scores are the means over the parts, with their standard errors in the allocator's events.
@@ -391,7 +393,7 @@ class Finetuner {
       detail::fail<StateError>(where, "the recipe's ", m_recipe.steps, " steps are done; call finish()");
     // [snippet: step]
     detail::check_batch(where, m_model, batch);
-    before_step();
+    m_hooks.before_step(m_step);  // samplers set the ranks this step trains
     m_model.zero_grad();
     m_model.forward(batch.tokens, batch.seq_len, m_logits);
     const double loss = m_loss->forward_backward(m_logits, batch, m_dlogits);
@@ -405,10 +407,8 @@ class Finetuner {
     if (std::isfinite(loss) && std::isfinite(info.grad_norm)) {
       m_optimizer.set_lr_factor(info.lr_factor);
       m_optimizer.step();
-      if (m_allocator) {
-        m_allocator->step();  // NonFinite: the round was abandoned and is retried (see its events())
-        info.ranks_changed = m_allocator->acted_at_last_step();
-      }
+      m_hooks.after_step(m_step);  // the allocator (a NonFinite round is abandoned and retried: its events())
+      info.ranks_changed = m_allocator_hook != nullptr && m_allocator_hook->acted_at_last_step();
     } else {
       info.skipped = true;
       ++m_skipped;
@@ -425,13 +425,8 @@ class Finetuner {
   /// (report().message says more). Calling it again returns the same status.
   Status finish() {
     if (m_finished) return m_status;
-    apply_evaluation_ranks();
-    m_status = Status::Ok;
-    m_message.clear();
-    if (m_allocator) {
-      m_status = m_allocator->finish();
-      m_message = m_allocator->message();
-    }
+    m_status = m_hooks.finish();  // evaluation ranks; the allocator's finish()
+    m_message = m_hooks.message();
     if (m_status == Status::Ok && m_skipped > 0) {
       m_status = Status::NonFinite;
       m_message = std::to_string(m_skipped) + " of " + std::to_string(m_step) +
@@ -458,6 +453,9 @@ class Finetuner {
   AdamW<Scalar>& optimizer() { return m_optimizer; }
   ToyTransformer<Scalar>& model() { return m_model; }
   const TrainingLoss<Scalar>& loss() const { return *m_loss; }
+  /// Runs `hook` in every step after the Finetuner's own hooks (samplers, allocator), and in finish().
+  /// The hook must outlive the Finetuner.
+  void add_hook(TrainingHook& hook) { m_hooks.add(hook); }
   /// The rank allocator of an "alora" run, else nullptr.
   const RankAllocator<Scalar>* allocator() const { return m_allocator.get(); }
 
@@ -469,12 +467,11 @@ class Finetuner {
     r.parameters = summarize_parameters(m_model);
     r.status = m_status;
     r.message = m_message;
+    r.ranks = m_hooks.ranks();
     if (m_allocator) {
-      r.ranks = m_allocator->rank_pattern();
       r.allocation_table = m_allocator->format_table();
       if (r.message.empty()) r.message = m_allocator->message();
     }
-    for (std::size_t i = 0; i < m_dylora.size(); ++i) r.ranks[m_dylora_paths[i]] = evaluation_rank(i);
     return r;
   }
 
@@ -618,8 +615,9 @@ class Finetuner {
       detail::fail(where, "rank_pattern does not combine with a prune-only allocator, which chooses the ranks "
                           "(got ", r.rank_pattern.size(), " pattern(s))");
     const bool validated = r.importance == "ablation" || r.importance == "drop_cost";
-    if (!validated && r.importance != "sensitivity" && r.importance != "magnitude")
-      detail::fail(where, "importance must be one of ablation, drop_cost, sensitivity, magnitude (got \"", r.importance,
+    if (!validated && r.importance != "fisher" && r.importance != "sensitivity" && r.importance != "magnitude")
+      detail::fail(where, "importance must be one of ablation, drop_cost, fisher, sensitivity, magnitude (got \"",
+                   r.importance,
                    "\")");
     if (r.allocator && r.allocator->policy == AllocationPolicy::GainOverCost && !validated)
       detail::fail(where, "the gain-over-cost allocator compares drop costs, which need importance \"ablation\" or "
@@ -691,20 +689,17 @@ class Finetuner {
 
   void set_up_hooks() {
     const Index layers = m_model.config().layers;
-    for (const InjectedModule<Scalar>& m : m_adapters.modules()) {
-      if (m.slot->kind() != "dylora" && m.slot->kind() != "erat") continue;
-      m_dylora.push_back(&m.slot->template as<DyLoRA<Scalar>>());
-      m_dylora_paths.push_back(m.path);
-      m_depths.push_back(detail::module_depth(m.path, layers));
-    }
-    Index max_rank = 1;
-    for (const DyLoRA<Scalar>* d : m_dylora) max_rank = std::max(max_rank, d->max_rank());
-    if (m_recipe.adapter == "dylora")
-      m_dylora_sampler.emplace(DyLoRASamplerOptions{.min_rank = 1, .max_rank = max_rank}, m_rng);
-    if (m_recipe.adapter == "erat")
-      m_erat_sampler.emplace(ERATSamplerOptions{.max_rank = max_rank, .min_rank = 1, .total_steps = m_recipe.steps,
-                                                .num_layers = layers},
-                             m_rng);
+    std::vector<DyLoRAModule<Scalar>> dylora;
+    for (const InjectedModule<Scalar>& m : m_adapters.modules())
+      if (m.slot->kind() == "dylora" || m.slot->kind() == "erat")
+        dylora.push_back({m.path, &m.slot->template as<DyLoRA<Scalar>>(), detail::module_depth(m.path, layers)});
+    if (m_recipe.adapter == "dylora" && !dylora.empty())
+      m_hooks.add(std::make_unique<DyLoRAHook<Scalar>>(std::move(dylora), m_rng));
+    else if (m_recipe.adapter == "erat" && !dylora.empty())
+      m_hooks.add(std::make_unique<ERATHook<Scalar>>(
+          std::move(dylora), ERATSamplerOptions{.max_rank = 0, .min_rank = 1, .total_steps = m_recipe.steps,
+                                                 .num_layers = layers},
+          m_rng));
     if (m_recipe.adapter == "alora") {
       std::vector<RankModule<Scalar>> modules;
       for (const InjectedModule<Scalar>& m : m_adapters.modules())
@@ -718,7 +713,9 @@ class Finetuner {
         options.recovery_steps = std::max(1L, m_recipe.steps / 10);  // K2
       }
       if (!m_estimator) {  // else the caller's
-        if (m_recipe.importance == "sensitivity")
+        if (m_recipe.importance == "fisher")
+          m_estimator = std::make_unique<FisherImportance<Scalar>>();
+        else if (m_recipe.importance == "sensitivity")
           m_estimator = std::make_unique<SensitivityImportance<Scalar>>();
         else if (m_recipe.importance == "magnitude")
           m_estimator = std::make_unique<MagnitudeImportance<Scalar>>();
@@ -737,32 +734,12 @@ class Finetuner {
       }
       m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
       m_allocator->add_optimizer(m_optimizer);
+      m_allocator_hook = &m_hooks.add(std::make_unique<AllocatorHook<Scalar>>(*m_allocator));
     }
   }
 
-  void before_step() {
-    if (m_dylora_sampler) {
-      const Index b = m_dylora_sampler->sample();  // one rank for the whole model
-      for (DyLoRA<Scalar>* d : m_dylora) d->set_active_rank(std::min(b, d->max_rank()));
-    }
-    if (m_erat_sampler) {
-      m_erat_sampler->sample_step(m_step, m_depths, m_windows);  // a window per module
-      for (std::size_t i = 0; i < m_dylora.size(); ++i) {
-        const Index b = std::min(m_windows[i].b, m_dylora[i]->max_rank());
-        m_dylora[i]->set_window(std::min(m_windows[i].lo, b - 1), b);
-      }
-    }
-  }
-
-  /// DyLoRA evaluates with every rank it trained (r_max); ERAT with each depth's bound.
-  Index evaluation_rank(std::size_t i) const {
-    const Index bound = m_erat_sampler ? m_erat_sampler->depth_bound(m_depths[i]) : m_dylora[i]->max_rank();
-    return std::min(bound, m_dylora[i]->max_rank());
-  }
-
-  void apply_evaluation_ranks() {
-    for (std::size_t i = 0; i < m_dylora.size(); ++i) m_dylora[i]->set_active_rank(evaluation_rank(i));
-  }
+  /// DyLoRA evaluates with every rank it trained (r_max), ERAT with each depth's bound.
+  void apply_evaluation_ranks() { m_hooks.set_evaluation_ranks(); }
 
   /// `batch`'s sequences in `parts` consecutive groups of (nearly) equal size; nothing for an empty batch.
   static std::vector<TokenBatch> split_sequences(const TokenBatch& batch, Index parts) {
@@ -803,14 +780,10 @@ class Finetuner {
   std::vector<TokenBatch> m_validation;  // the validation batch in validation_batches parts
   Matrix<Scalar> m_validation_logits;
   // rank hooks
-  std::vector<DyLoRA<Scalar>*> m_dylora;
-  std::vector<std::string> m_dylora_paths;
-  std::vector<Index> m_depths;
-  std::vector<RankWindow> m_windows;
-  std::optional<DyLoRASampler> m_dylora_sampler;
-  std::optional<ERATSampler> m_erat_sampler;
   std::shared_ptr<ImportanceEstimator<Scalar>> m_estimator;
   std::unique_ptr<RankAllocator<Scalar>> m_allocator;
+  HookList m_hooks;  // DyLoRA's or ERAT's sampler, the allocator (borrowing the members above)
+  AllocatorHook<Scalar>* m_allocator_hook = nullptr;
   // the step
   Matrix<Scalar> m_logits, m_dlogits;
   long m_step = 0;

@@ -8,6 +8,9 @@
 ///                          gates (no shape change); (2 R + 1) B evaluations per scoring round, R =
 ///                          active ranks, B = validation batches (scores: means over the batches, with
 ///                          their standard errors from the batch-to-batch spread of the differences)
+///   FisherImportance       drop costs predicted from the training gradients: EMA(d_i^2) / 2 with
+///                          d_i = sum_j A_ij dL/dA_ij = g_i dL/dg_i (Optimal Brain Damage on the rank's
+///                          gate, empirical Fisher curvature); needs observe() after every backward
 ///   SensitivityImportance  AdaLoRA's (Zhang et al., 2023, arXiv:2303.10512) per-weight
 ///                          s = EMA(|w g|) * EMA(|I - EMA(I)|), averaged over each rank's row of A
 ///                          and column of B and summed; needs observe() after every backward
@@ -26,6 +29,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <optional>
 #include <span>
 #include <sstream>
 #include <string>
@@ -389,9 +393,16 @@ class AblationImportance final : public ImportanceEstimator<Scalar> {
   long m_total = 0;
 };
 
+/// How a rank's slice (its row of A, its column of B) turns per-weight scores into one number.
+enum class SliceReduction {
+  Mean,  ///< the mean over the slice's weights (AdaLoRA's)
+  Sum,   ///< the sum: a slice of 128 weights counts as much as 128 weights, whatever the module's width
+};
+
 struct SensitivityImportanceOptions {
   double beta1 = 0.85;  ///< EMA factor of the sensitivity |w g| (AdaLoRA's default)
   double beta2 = 0.85;  ///< EMA factor of its uncertainty |I - EMA(I)|
+  SliceReduction reduction = SliceReduction::Mean;
 };
 
 /// AdaLoRA-style sensitivity: observe() after every optimizer step updates, for every weight of every
@@ -477,13 +488,17 @@ class SensitivityImportance final : public ImportanceEstimator<Scalar> {
         if (extent != r || s.sensitivity.rows() != p.value.rows() || s.sensitivity.cols() != p.value.cols())
           detail::fail<StateError>("rankwise::SensitivityImportance", "the state of '", p.name,
                                    "' does not match its shape; call follow() with the RankChange of the surgery");
+        const bool sum = m_options.reduction == SliceReduction::Sum;
         for (Index i = 0; i < r; ++i) {
-          double mean = 0.0;
-          if (slice.axis == Axis::Rows)
-            mean = (s.sensitivity.row(i).array() * s.uncertainty.row(i).array()).template cast<double>().mean();
-          else
-            mean = (s.sensitivity.col(i).array() * s.uncertainty.col(i).array()).template cast<double>().mean();
-          out[static_cast<std::size_t>(i)] += mean;
+          double v = 0.0;
+          if (slice.axis == Axis::Rows) {
+            const auto w = (s.sensitivity.row(i).array() * s.uncertainty.row(i).array()).template cast<double>();
+            v = sum ? w.sum() : w.mean();
+          } else {
+            const auto w = (s.sensitivity.col(i).array() * s.uncertainty.col(i).array()).template cast<double>();
+            v = sum ? w.sum() : w.mean();
+          }
+          out[static_cast<std::size_t>(i)] += v;
         }
       }
       for (double v : out)
@@ -539,6 +554,142 @@ class SensitivityImportance final : public ImportanceEstimator<Scalar> {
   }
 
   SensitivityImportanceOptions m_options;
+  std::unordered_map<std::string, State> m_state;
+  long m_observations = 0;
+};
+
+struct FisherImportanceOptions {
+  double beta = 0.95;  ///< EMA factor of the squared gate gradient (about 1 / (1 - beta) steps remembered)
+};
+
+/// The loss a rank's removal would cost, predicted to second order from the training gradients alone
+/// (Optimal Brain Damage on the rank's gate, with the empirical Fisher for the curvature): with g_i the
+/// gate of rank i, d_i = g_i dL/dg_i = sum_j A_ij dL/dA_ij (the same number from B's column), and the
+/// score is EMA(d_i^2) / 2, bias-corrected per rank (a rank added later is not penalised for its
+/// shorter history). Near a minimum dL/dg_i averages to zero but its batch-to-batch variance does not:
+/// E[d_i^2] = (mean)^2 + Var(d_i) is then the Fisher information of the gate over the batch size, and
+/// F g^2 / 2 is what dropping g to 0 costs. One dot product per rank per step; no extra passes.
+template <FloatScalar Scalar>
+class FisherImportance final : public ImportanceEstimator<Scalar> {
+ public:
+  explicit FisherImportance(const FisherImportanceOptions& options = {}) : m_options(options) {
+    if (!(options.beta >= 0.0 && options.beta < 1.0))
+      detail::fail("rankwise::FisherImportance", "beta must be in [0, 1) (got ", options.beta, ")");
+  }
+
+  const char* name() const override { return "fisher"; }
+  bool needs_observations() const override { return true; }
+  const FisherImportanceOptions& options() const { return m_options; }
+
+  void observe(std::span<RankModule<Scalar>> modules) override {
+    const double beta = m_options.beta;
+    for (RankModule<Scalar>& module : modules) {
+      const std::optional<RankSlice<Scalar>> slice = trainable_slice(module);
+      if (!slice) continue;  // frozen factors only: nothing to learn from
+      const Parameter<Scalar>& p = *slice->parameter;
+      const Index r = module.rank();
+      if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
+        detail::fail<StateError>("rankwise::FisherImportance", "the gradient of '", p.name,
+                                 "' does not match its value; observe() needs the gradients of the last backward");
+      State& s = m_state[p.name];
+      if (s.ema.size() == 0 && s.steps.empty()) {
+        s.ema = Vector<double>::Zero(r);
+        s.steps.assign(static_cast<std::size_t>(r), 0);
+      }
+      if (s.ema.size() != r)
+        detail::fail<StateError>("rankwise::FisherImportance", "the state of '", p.name, "' has ", s.ema.size(),
+                                 " ranks but the module has ", r, "; call follow() with the RankChange of the surgery");
+      for (Index i = 0; i < r; ++i) {
+        const double d = slice->axis == Axis::Rows
+                             ? (p.value.row(i).array() * p.grad.row(i).array()).template cast<double>().sum()
+                             : (p.value.col(i).array() * p.grad.col(i).array()).template cast<double>().sum();
+        s.ema(i) = beta * s.ema(i) + (1.0 - beta) * d * d;
+        s.steps[static_cast<std::size_t>(i)] += 1;
+      }
+    }
+    m_observations += 1;
+  }
+
+  void follow(const RankChange& change) override {
+    for (const SliceChange& c : change.changes) {
+      auto it = m_state.find(c.parameter);
+      if (it == m_state.end()) continue;
+      State& s = it->second;
+      if (s.ema.size() != c.old_count)
+        detail::fail<StateError>("rankwise::FisherImportance", "follow: the state of '", c.parameter, "' has ",
+                                 s.ema.size(), " ranks but the change starts from ", c.old_count);
+      const Index n = Index(c.kept.size()) + c.added;
+      Vector<double> ema = Vector<double>::Zero(n);
+      std::vector<long> steps(static_cast<std::size_t>(n), 0);
+      for (std::size_t j = 0; j < c.kept.size(); ++j) {
+        const Index i = c.kept[j];
+        if (i < 0 || i >= c.old_count)
+          detail::fail<StateError>("rankwise::FisherImportance", "follow: kept index ", i, " is outside [0, ",
+                                   c.old_count, ")");
+        ema(Index(j)) = s.ema(i);
+        steps[j] = s.steps[static_cast<std::size_t>(i)];
+      }
+      s.ema.swap(ema);
+      s.steps.swap(steps);
+    }
+  }
+
+  ImportanceScores score(std::span<RankModule<Scalar>> modules) override {
+    detail::check_scorable("rankwise::FisherImportance", modules);
+    ImportanceScores result;
+    result.scores.resize(modules.size());
+    for (std::size_t m = 0; m < modules.size(); ++m) {
+      const Index r = modules[m].rank();
+      std::vector<double>& out = result.scores[m];
+      out.assign(static_cast<std::size_t>(r), 0.0);
+      if (r == 0) continue;
+      const std::optional<RankSlice<Scalar>> slice = trainable_slice(modules[m]);
+      if (!slice) continue;
+      const auto it = m_state.find(slice->parameter->name);
+      if (it == m_state.end())
+        detail::fail<StateError>("rankwise::FisherImportance", "no gradient of '", slice->parameter->name,
+                                 "' was observed yet; call observe() after every backward (RankAllocator::step() "
+                                 "does)");
+      const State& s = it->second;
+      if (s.ema.size() != r)
+        detail::fail<StateError>("rankwise::FisherImportance", "the state of '", slice->parameter->name,
+                                 "' does not match its rank; call follow() with the RankChange of the surgery");
+      for (Index i = 0; i < r; ++i) {
+        const long n = s.steps[static_cast<std::size_t>(i)];
+        const double v = n == 0 ? 0.0 : 0.5 * s.ema(i) / (1.0 - std::pow(m_options.beta, double(n)));
+        if (!std::isfinite(v)) {
+          result.status = Status::NonFinite;
+          result.message = "[rankwise::FisherImportance] a score of '" + modules[m].path() +
+                           "' is not finite (non-finite gradients were observed)";
+          result.scores.clear();
+          return result;
+        }
+        out[static_cast<std::size_t>(i)] = v;
+      }
+    }
+    return result;
+  }
+
+  long observations() const { return m_observations; }
+
+ private:
+  struct State {
+    Vector<double> ema;       // EMA of d_i^2 per rank
+    std::vector<long> steps;  // observations per rank (bias correction)
+  };
+
+  // The first trainable rank-sliced factor (A's rows for LoRA): d_i is the same from either factor.
+  static std::optional<RankSlice<Scalar>> trainable_slice(RankModule<Scalar>& module) {
+    const std::vector<RankSlice<Scalar>> slices = module.rank_slices();
+    if (slices.empty())
+      detail::fail("rankwise::FisherImportance", "module '", module.path(),
+                   "' does not expose its rank-sliced parameters (A_parameter(), B_parameter())");
+    for (const RankSlice<Scalar>& slice : slices)
+      if (slice.parameter->trainable) return slice;
+    return std::nullopt;
+  }
+
+  FisherImportanceOptions m_options;
   std::unordered_map<std::string, State> m_state;
   long m_observations = 0;
 };
