@@ -3,6 +3,7 @@
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/adapters/red.hpp>
 #include <rankwise/io/peft.hpp>
+#include <rankwise/io/safetensors.hpp>
 #include <rankwise/models/adapter_set.hpp>
 #include <rankwise/rank/allocator.hpp>
 
@@ -11,7 +12,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <functional>
+#include <limits>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -159,4 +163,65 @@ TEST_CASE("inject and AdapterSet: bad hosts and requests are refused, the host u
 
   CHECK_THROWS_WITH((rankwise::AdapterSet<float>({{"x", &a}, {"x", &b}})), Catch::Contains("'x' is listed twice"));
   CHECK_THROWS_WITH((rankwise::AdapterSet<float>({{"x", nullptr}})), Catch::Contains("null slot"));
+}
+
+TEST_CASE("AdapterSet::assign_values: values by name, all or nothing, also from a safetensors file",
+          "[models][adapter_set]") {
+  Random rng(5);
+  TwoLayer model(rng);
+  rankwise::AdapterSet<double> adapters = rankwise::inject<double>(model, lora_all(2), rng);
+  const rankwise::LoRA<double>& first = model.first.as<rankwise::LoRA<double>>();
+  Matrix<double> b(5, 2), a(2, 6);
+  rankwise::fill_normal(b, 0.0, 1.0, rng);
+  rankwise::fill_normal(a, 0.0, 1.0, rng);
+  adapters.assign_values({{"body.first.lora_B.weight", b}, {"body.first.lora_A.weight", a}});
+  CHECK(first.B() == b);
+  CHECK(first.A() == a);
+  // The forward pass uses them: W x + s B A x.
+  Matrix<double> x(6, 3), y;
+  rankwise::fill_normal(x, 0.0, 1.0, rng);
+  model.first.forward(x, y);
+  Matrix<double> expected = first.base().weight() * x + first.scale() * b * (a * x);
+  expected.colwise() += first.base().bias().col(0);
+  CHECK_THAT(y, rankwise::test_support::is_close_to(expected, 1e-12, 1e-12));
+
+  // Refusals name the parameter, and change nothing (the good entry next to the bad one included).
+  const Matrix<double> zeros = Matrix<double>::Zero(5, 2);
+  CHECK_THROWS_WITH(adapters.assign_values({{"body.first.lora_B.weight", zeros}, {"body.frist.lora_A.weight", a}}),
+                    Catch::Contains("no parameter is named 'body.frist.lora_A.weight'"));
+  CHECK_THROWS_WITH(adapters.assign_values({{"body.first.lora_B.weight", zeros}, {"out.lora_A.weight", a}}),
+                    Catch::Contains("'out.lora_A.weight' is 2 x 5 but the value given is 2 x 6"));
+  Matrix<double> nan = a;
+  nan(1, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(adapters.assign_values({{"body.first.lora_B.weight", zeros}, {"body.first.lora_A.weight", nan}}),
+                    Catch::Contains("'body.first.lora_A.weight' is not finite everywhere"));
+  CHECK_THROWS_WITH(adapters.assign_values({{"body.first.lora_B.weight", zeros}}, {.require_all = true}),
+                    Catch::Contains("no value is given for"));
+  CHECK(first.B() == b);
+  CHECK(first.A() == a);
+  adapters.assign_values({{"body.first.lora_A.weight", nan}}, {.allow_non_finite = true});
+  CHECK(std::isnan(first.A()(1, 1)));
+  adapters.assign_values({{"body.first.lora_A.weight", a}});
+
+  // From a file in the library's layout: tensors named like the parameters, [n] vectors as n x 1.
+  const rankwise::test_support::TempDir dir("assign_values");
+  {
+    rankwise::SafetensorsWriter out(rankwise::DType::F64);
+    out.add("out.lora_B.weight", Matrix<double>(b.topRows(3)));
+    out.add_vector("body.first.base_layer.bias", Matrix<double>(Matrix<double>::Constant(5, 1, 0.5)));
+    out.write(dir.path / "values.safetensors");
+  }
+  // [snippet: assign-from-file]
+  rankwise::SafetensorsReader file(dir.path / "values.safetensors");
+  std::map<std::string, Matrix<double>> values;
+  for (const rankwise::TensorInfo& t : file.tensors()) values[t.name] = file.matrix<double>(t.name);
+  adapters.assign_values(values);
+  // [snippet: assign-from-file]
+  CHECK(model.out.as<rankwise::LoRA<double>>().B() == b.topRows(3));
+  CHECK(first.base().bias() == Matrix<double>::Constant(5, 1, 0.5));
+
+  // Merged adapters refuse: their bases already hold s B A.
+  adapters.merge();
+  CHECK_THROWS_AS(adapters.assign_values({{"body.first.lora_A.weight", a}}), rankwise::StateError);
+  adapters.unmerge();
 }

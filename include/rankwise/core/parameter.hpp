@@ -15,7 +15,10 @@
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/types.hpp>
 
+#include <cmath>
+#include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -64,6 +67,56 @@ struct Parameter {
     return true;
   }
 };
+
+/// What assign_values() accepts.
+struct AssignOptions {
+  bool require_all = false;       ///< every parameter must be given a value
+  bool allow_non_finite = false;  ///< accept NaN and infinite values (refused by default)
+};
+
+/// The one way to set parameter values from outside: `values` maps parameter names (Parameter::name,
+/// e.g. "layers.0.attn.q_proj.lora_A.weight") to matrices of the parameter's shape (a vector
+/// parameter of n entries is n x 1, as a 1-D safetensors tensor reads). All or nothing: an unknown
+/// name, a wrong shape, a non-finite value or (with require_all) a missing parameter throws
+/// InvalidArgument naming it, and no value changes. Gradients and optimizer state are left as they
+/// are. Throws InvalidArgument when two parameters share a name.
+template <FloatScalar Scalar>
+void assign_values(const std::vector<Parameter<Scalar>*>& params, const std::map<std::string, Matrix<Scalar>>& values,
+                   const AssignOptions& options = {}) {
+  const char* where = "rankwise::assign_values";
+  std::map<std::string, Parameter<Scalar>*> by_name;
+  for (Parameter<Scalar>* p : params) {
+    if (p == nullptr) detail::fail(where, "a parameter pointer is null");
+    if (!by_name.emplace(p->name, p).second)
+      detail::fail(where, "two parameters are named '", p->name, "'; give modules distinct paths (set_path())");
+  }
+  for (const auto& [name, value] : values) {
+    const auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      std::string known;
+      std::size_t listed = 0;
+      for (const auto& [n, p] : by_name) {
+        if (listed++ == 8) {
+          known += ", ...";
+          break;
+        }
+        known += (known.empty() ? "" : ", ") + n;
+      }
+      detail::fail(where, "no parameter is named '", name, "' (", by_name.size(), " parameters: ", known, ")");
+    }
+    const Parameter<Scalar>& p = *it->second;
+    if (value.rows() != p.value.rows() || value.cols() != p.value.cols())
+      detail::fail(where, "'", name, "' is ", p.value.rows(), " x ", p.value.cols(), " but the value given is ",
+                   value.rows(), " x ", value.cols());
+    if (!options.allow_non_finite && !value.allFinite())
+      detail::fail(where, "the value given for '", name,
+                   "' is not finite everywhere (AssignOptions::allow_non_finite accepts it)");
+  }
+  if (options.require_all)
+    for (const auto& [name, p] : by_name)
+      if (!values.count(name)) detail::fail(where, "no value is given for '", name, "' (require_all is set)");
+  for (const auto& [name, value] : values) by_name.at(name)->value = value;
+}
 
 /// How one parameter changed shape along `axis`: the old slices in `kept` survive, in that order,
 /// then `added` fresh slices follow. Optimizers keep the state of kept slices and start added ones

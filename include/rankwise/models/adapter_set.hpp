@@ -13,7 +13,8 @@
 ///                when it lists them (parameters()), like PEFT
 ///   AdapterSet   modules() (path and slot), parameters() (the trainable ones, named after the path:
 ///                unique by construction), rank_modules() (for a RankAllocator), named_adapters() (for
-///                save_peft_adapter / save_rankwise_adapter), merge() / unmerge(), summary()
+///                save_peft_adapter / save_rankwise_adapter), merge() / unmerge(), summary(),
+///                assign_values() (set parameter values by name, all or nothing)
 /// The set refers to the host's slots: the host must outlive it and keep its slots at the same
 /// addresses (a slot's layer lives on the heap, so moving the host itself is fine when its slots are
 /// members of a heap object or of a model that is not moved). Docs: docs/models/adapter-set.md
@@ -178,6 +179,21 @@ class AdapterSet {
       for (Parameter<Scalar>* p : m.slot->parameters())
         if (p->trainable && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
     return out;
+  }
+
+  /// Sets parameter values by name (assign_values(): all or nothing, shapes and finiteness checked),
+  /// over every parameter of the adapted slots, frozen ones included. StateError, with nothing
+  /// changed, while any adapter is merged (its base would no longer match its factors).
+  void assign_values(const std::map<std::string, Matrix<Scalar>>& values, const AssignOptions& options = {}) {
+    for (const InjectedModule<Scalar>& m : m_modules)
+      if (m.slot->is_merged())
+        detail::fail<StateError>("rankwise::AdapterSet", "assign_values: module '", m.path,
+                                 "' is merged; unmerge() first (nothing was changed)");
+    std::vector<Parameter<Scalar>*> all;
+    for (const InjectedModule<Scalar>& m : m_modules)
+      for (Parameter<Scalar>* p : m.slot->parameters())
+        if (std::find(all.begin(), all.end(), p) == all.end()) all.push_back(p);
+    rankwise::assign_values(all, values, options);
   }
 
   /// A RankModule per module for a RankAllocator or an importance estimator; InvalidArgument when a
