@@ -592,9 +592,9 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
         detail::fail<StateError>("rankwise::FisherImportance", "the gradient of '", p.name,
                                  "' does not match its value; observe() needs the gradients of the last backward");
       State& s = m_state[p.name];
-      if (s.ema.size() == 0 && s.steps.empty()) {
+      if (s.ema.size() == 0 && s.steps.size() == 0) {
         s.ema = Vector<double>::Zero(r);
-        s.steps.assign(static_cast<std::size_t>(r), 0);
+        s.steps = Vector<double>::Zero(r);
       }
       if (s.ema.size() != r)
         detail::fail<StateError>("rankwise::FisherImportance", "the state of '", p.name, "' has ", s.ema.size(),
@@ -604,7 +604,7 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
                              ? (p.value.row(i).array() * p.grad.row(i).array()).template cast<double>().sum()
                              : (p.value.col(i).array() * p.grad.col(i).array()).template cast<double>().sum();
         s.ema(i) = beta * s.ema(i) + (1.0 - beta) * d * d;
-        s.steps[static_cast<std::size_t>(i)] += 1;
+        s.steps(i) += 1.0;
       }
     }
     m_observations += 1;
@@ -614,23 +614,10 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
     for (const SliceChange& c : change.changes) {
       auto it = m_state.find(c.parameter);
       if (it == m_state.end()) continue;
-      State& s = it->second;
-      if (s.ema.size() != c.old_count)
-        detail::fail<StateError>("rankwise::FisherImportance", "follow: the state of '", c.parameter, "' has ",
-                                 s.ema.size(), " ranks but the change starts from ", c.old_count);
-      const Index n = Index(c.kept.size()) + c.added;
-      Vector<double> ema = Vector<double>::Zero(n);
-      std::vector<long> steps(static_cast<std::size_t>(n), 0);
-      for (std::size_t j = 0; j < c.kept.size(); ++j) {
-        const Index i = c.kept[j];
-        if (i < 0 || i >= c.old_count)
-          detail::fail<StateError>("rankwise::FisherImportance", "follow: kept index ", i, " is outside [0, ",
-                                   c.old_count, ")");
-        ema(Index(j)) = s.ema(i);
-        steps[j] = s.steps[static_cast<std::size_t>(i)];
-      }
-      s.ema.swap(ema);
-      s.steps.swap(steps);
+      SliceChange per_rank = c;  // the state holds one entry per rank, whichever factor it came from
+      per_rank.axis = Axis::Rows;
+      detail::slice_state(it->second.ema, per_rank, "rankwise::FisherImportance");
+      detail::slice_state(it->second.steps, per_rank, "rankwise::FisherImportance");
     }
   }
 
@@ -655,8 +642,8 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
         detail::fail<StateError>("rankwise::FisherImportance", "the state of '", slice->parameter->name,
                                  "' does not match its rank; call follow() with the RankChange of the surgery");
       for (Index i = 0; i < r; ++i) {
-        const long n = s.steps[static_cast<std::size_t>(i)];
-        const double v = n == 0 ? 0.0 : 0.5 * s.ema(i) / (1.0 - std::pow(m_options.beta, double(n)));
+        const double n = s.steps(i);
+        const double v = n == 0.0 ? 0.0 : 0.5 * s.ema(i) / (1.0 - std::pow(m_options.beta, n));
         if (!std::isfinite(v)) {
           result.status = Status::NonFinite;
           result.message = "[rankwise::FisherImportance] a score of '" + modules[m].path() +
@@ -674,8 +661,8 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
 
  private:
   struct State {
-    Vector<double> ema;       // EMA of d_i^2 per rank
-    std::vector<long> steps;  // observations per rank (bias correction)
+    Vector<double> ema;    // EMA of d_i^2 per rank
+    Vector<double> steps;  // observations per rank (bias correction); sliced like ema on surgery
   };
 
   // The first trainable rank-sliced factor (A's rows for LoRA): d_i is the same from either factor.
