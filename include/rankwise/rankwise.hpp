@@ -27,6 +27,7 @@
 #include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/factory.hpp>
+#include <rankwise/adapters/kinds.hpp>
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/adapters/lora_export.hpp>
 #include <rankwise/adapters/melora.hpp>

@@ -419,14 +419,16 @@ TEST_CASE("Checkpoint: VeRA's shared bank is saved once and read back as a bank"
 }
 
 namespace {
-// A run whose ranks move: three LoRA modules, AdamW, an ALoRA-style allocator driven by AdaLoRA's
-// sensitivity scores, and a DyLoRA sampler whose draws feed the data (only to give it a stream).
+// A run whose ranks move: three LoRA modules, AdamW, an ALoRA-style allocator driven by a stateful
+// estimator (AdaLoRA's sensitivity scores or Fisher drop costs), and a DyLoRA sampler whose draws feed
+// the data (only to give it a stream).
+template <typename Estimator>
 struct AllocatingRun {
   std::vector<std::unique_ptr<LoRA<float>>> layers;
   std::vector<NamedAdapter<LoRA<float>>> adapters;
   std::vector<Parameter<float>*> base;
   std::unique_ptr<AdamW<float>> optimizer;
-  rankwise::SensitivityImportance<float> importance;
+  Estimator importance;
   std::unique_ptr<rankwise::RankAllocator<float>> allocator;
   std::unique_ptr<rankwise::DyLoRASampler> sampler;
   Random data;
@@ -496,17 +498,19 @@ struct AllocatingRun {
 };
 }  // namespace
 
-TEST_CASE("Checkpoint: a run with rank allocation and a rank sampler resumes bit for bit", "[io][checkpoint]") {
+TEMPLATE_TEST_CASE("Checkpoint: a run with rank allocation and a rank sampler resumes bit for bit", "[io][checkpoint]",
+                   rankwise::SensitivityImportance<float>, rankwise::FisherImportance<float>) {
+  using Run = AllocatingRun<TestType>;
   TempDir dir("allocating");
-  AllocatingRun uninterrupted(3);
+  Run uninterrupted(3);
   for (int i = 0; i < 14; ++i) uninterrupted.train_step();
   REQUIRE(uninterrupted.allocator->rounds_done() == 3);
 
-  AllocatingRun first(3);
+  Run first(3);
   for (int i = 0; i < 5; ++i) first.train_step();  // rounds at steps 3, 6 and 9: one done, the next due
   REQUIRE(first.allocator->rounds_done() == 1);
   first.save(dir.path);
-  AllocatingRun resumed(42);
+  Run resumed(42);
   resumed.load(dir.path);
   CHECK(resumed.allocator->steps() == 5);
   CHECK(resumed.allocator->rounds_done() == 1);
@@ -522,4 +526,41 @@ TEST_CASE("Checkpoint: a run with rank allocation and a rank sampler resumes bit
     CHECK(same_bits(resumed.layers[i]->B(), uninterrupted.layers[i]->B()));
   }
   CHECK(resumed.data == uninterrupted.data);
+}
+
+TEST_CASE("Checkpoint: a Fisher estimator's state is refused when it cannot be its own", "[io][checkpoint]") {
+  TempDir dir("fisher");
+  AllocatingRun<rankwise::FisherImportance<float>> run(7);
+  for (int i = 0; i < 4; ++i) run.train_step();
+  REQUIRE(run.importance.observations() == 4);
+  {
+    CheckpointWriter ckpt;
+    ckpt.add("importance", run.importance);
+    ckpt.write(dir.path);
+  }
+  // Another EMA factor: the saved EMA would mean another thing.
+  rankwise::FisherImportance<float> other_beta({.beta = 0.9});
+  CHECK_THROWS_WITH(CheckpointReader(dir.path).restore("importance", other_beta),
+                    Contains("component 'importance': was saved with beta 0.95 but the estimator has 0.9"));
+  CHECK(other_beta.observations() == 0);
+  // The same factor: every rank's EMA and count come back.
+  rankwise::FisherImportance<float> back;
+  CheckpointReader(dir.path).restore("importance", back);
+  CHECK(back.observations() == 4);
+  REQUIRE(back.moments().size() == run.importance.moments().size());
+  for (const auto& [name, m] : run.importance.moments()) {
+    CHECK(same_bits(Matrix<double>(back.moments().at(name).ema), Matrix<double>(m.ema)));
+    CHECK(same_bits(Matrix<double>(back.moments().at(name).steps), Matrix<double>(m.steps)));
+  }
+  // restore() itself refuses states no run can reach, and keeps its own.
+  auto moments = run.importance.moments();
+  moments.begin()->second.ema(0) = -1.0;
+  CHECK_THROWS_WITH(back.restore(4, moments), Contains("must be finite and >= 0 (got -1)"));
+  moments = run.importance.moments();
+  moments.begin()->second.steps(0) = 5.0;
+  CHECK_THROWS_WITH(back.restore(4, moments), Contains("must be a whole number in [0, observations = 4] (got 5)"));
+  moments = run.importance.moments();
+  moments.begin()->second.steps.resize(1);
+  CHECK_THROWS_WITH(back.restore(4, moments), Contains("observation counts"));
+  CHECK(back.observations() == 4);
 }

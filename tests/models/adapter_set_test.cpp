@@ -64,8 +64,11 @@ TEST_CASE("inject: a struct of slots is a host, its parameters named after the p
   rankwise::fill_normal(x, 0.0, 1.0, rng);
   const Matrix<double> before = model.forward(x);
 
+  const double* weights = model.first.as<rankwise::Linear<double>>().weight().data();
   rankwise::AdapterSet<double> adapters = rankwise::inject<double>(model, lora_all(2), rng);
   REQUIRE(adapters.size() == 3);
+  // The module's weights were moved into the adapter, not copied.
+  CHECK(model.first.as<rankwise::LoRA<double>>().base().weight().data() == weights);
   CHECK(adapters.paths() == std::vector<std::string>{"body.first", "body.second", "out"});
   CHECK(model.first.kind() == "lora");
   // B = 0 at injection: the function is unchanged.
@@ -146,8 +149,13 @@ TEST_CASE("inject and AdapterSet: bad hosts and requests are refused, the host u
 
   list.add("b", b);
   InjectionOptions too_big = lora_all(4);  // b is 4 -> 2: rank 4 > min(4, 2)
+  const Matrix<float> a_weight = a.as<rankwise::Linear<float>>().weight();
+  const Random stream = rng;
   CHECK_THROWS_WITH(rankwise::inject(list, too_big, rng), Catch::Contains("module 'b'"));
   CHECK(a.kind() == "linear");  // nothing changed, a included
+  CHECK(rankwise::test_support::same_bits(a.as<rankwise::Linear<float>>().weight(), a_weight));
+  CHECK(b.as<rankwise::Linear<float>>().in_features() == 4);
+  CHECK(rng == stream);  // nor the caller's stream
   InjectionOptions none = lora_all(1);
   none.all_linear = false;
   none.target_modules = {"q_proj"};

@@ -9,7 +9,6 @@
 ///               (no dx); layers without them run forward / backward (into a scratch dx) instead
 ///   adapter     kind(), trainable_parameter_count(), merge()/unmerge() where the layer can be merged,
 ///               lora_factors() where the update is exactly a plain LoRA, shared_parameters()
-///   rank        rank_control(): the RankControl of a rank-adjustable adapter (LoRA), else nullptr
 ///   typed       get_if<T>() (nullptr when the slot holds something else), as<T>() (throws instead)
 /// The layer lives on the heap: moving a slot keeps its parameters at the same address, so optimizers
 /// holding Parameter pointers stay valid. Docs: docs/concepts/adapter.md
@@ -18,64 +17,18 @@
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/layer.hpp>
 #include <rankwise/core/parameter.hpp>
-#include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
 #include <rankwise/layers/linear.hpp>
 
 #include <concepts>
 #include <memory>
 #include <optional>
-#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace rankwise {
-
-/// What a rank allocator needs from a rank-adjustable adapter, whatever its type (core/layer.hpp's
-/// RankAdjustable, type-erased).
-class RankControl {
- public:
-  virtual ~RankControl() = default;
-  virtual Index rank() const = 0;
-  virtual Index in_features() const = 0;
-  virtual Index out_features() const = 0;
-  virtual double gate(Index i) const = 0;
-  virtual void set_gate(Index i, double value) = 0;
-  virtual void reset_gates() = 0;
-  virtual RankChange remove_ranks(std::span<const Index> indices) = 0;
-  virtual RankChange add_ranks(Index k, Random& rng) = 0;
-};
-
-namespace detail {
-
-template <typename T>
-class RankFacet {  // a layer that is not rank-adjustable has none
- public:
-  explicit RankFacet(T&) {}
-  RankControl* get() { return nullptr; }
-};
-
-template <RankAdjustable T>
-class RankFacet<T> final : public RankControl {
- public:
-  explicit RankFacet(T& target) : m_target(target) {}
-  RankControl* get() { return this; }
-  Index rank() const override { return m_target.rank(); }
-  Index in_features() const override { return m_target.in_features(); }
-  Index out_features() const override { return m_target.out_features(); }
-  double gate(Index i) const override { return m_target.gate(i); }
-  void set_gate(Index i, double value) override { m_target.set_gate(i, value); }
-  void reset_gates() override { m_target.reset_gates(); }
-  RankChange remove_ranks(std::span<const Index> indices) override { return m_target.remove_ranks(indices); }
-  RankChange add_ranks(Index k, Random& rng) override { return m_target.add_ranks(k, rng); }
-
- private:
-  T& m_target;
-};
-
-}  // namespace detail
 
 template <FloatScalar Scalar_>
 class AnyLinear {
@@ -135,8 +88,6 @@ class AnyLinear {
   /// The exact plain-LoRA form of the update, or nothing when there is none (Linear, RED).
   std::optional<LoRAFactors<Scalar>> lora_factors() const { return impl().lora_factors(); }
 
-  /// The rank controls of a rank-adjustable adapter (LoRA), or nullptr.
-  RankControl* rank_control() { return impl().rank_control(); }
 
   // --- typed access --------------------------------------------------------------------------------
   /// The layer as a T, or nullptr when the slot holds another type.
@@ -185,7 +136,6 @@ class AnyLinear {
     virtual void unmerge(const std::string& kind) = 0;
     virtual bool is_merged() const = 0;
     virtual std::optional<LoRAFactors<Scalar>> lora_factors() const = 0;
-    virtual RankControl* rank_control() = 0;
   };
 
   template <typename T>
@@ -254,10 +204,8 @@ class AnyLinear {
       else
         return std::nullopt;
     }
-    RankControl* rank_control() override { return facet.get(); }
 
     T value;
-    detail::RankFacet<T> facet{value};
     MatrixType scratch_dx;  // dx of backward_parameters_only() for layers without one
   };
 

@@ -494,7 +494,7 @@ class SafetensorsWriter {
   }
 
   Entry make_entry(std::string name, DType dtype, std::vector<Index> shape) const {
-    if (name == "__metadata__")
+    if (std::string_view(name) == "__metadata__")  // (a std::string comparison trips GCC 12's -Wmaybe-uninitialized)
       detail::fail("rankwise::SafetensorsWriter", "'__metadata__' is reserved and cannot name a tensor");
     check_json_string("tensor name", name);
     for (const Entry& e : m_entries)

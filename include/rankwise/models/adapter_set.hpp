@@ -35,6 +35,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <set>
 #include <string>
@@ -145,9 +146,8 @@ class AdapterSet {
   AdapterSet() = default;
   /// A set over modules the caller adapted by hand (inject() makes one for you); InvalidArgument for
   /// an empty or repeated path or a null slot.
-  explicit AdapterSet(std::vector<InjectedModule<Scalar>> modules,
-                      std::shared_ptr<const VeRAProjections<Scalar>> vera_projections = nullptr)
-      : m_modules(std::move(modules)), m_vera(std::move(vera_projections)) {
+  explicit AdapterSet(std::vector<InjectedModule<Scalar>> modules, AdapterContext<Scalar> context = {})
+      : m_modules(std::move(modules)), m_context(std::move(context)) {
     std::set<std::string> seen;
     for (const InjectedModule<Scalar>& m : m_modules) {
       if (m.path.empty()) detail::fail("rankwise::AdapterSet", "every module needs a non-empty path");
@@ -169,8 +169,10 @@ class AdapterSet {
     for (const InjectedModule<Scalar>& m : m_modules) out.push_back(m.path);
     return out;
   }
+  /// What the modules share (VeRA's bank; empty for other kinds).
+  const AdapterContext<Scalar>& context() const { return m_context; }
   /// VeRA's shared bank (null for other adapters).
-  const std::shared_ptr<const VeRAProjections<Scalar>>& vera_projections() const { return m_vera; }
+  const std::shared_ptr<const VeRAProjections<Scalar>>& vera_projections() const { return m_context.vera_projections; }
 
   /// Every trainable parameter of the adapters, in module order, named "<path>.<name>" (unique).
   std::vector<Parameter<Scalar>*> parameters() const {
@@ -262,7 +264,7 @@ class AdapterSet {
   }
 
   std::vector<InjectedModule<Scalar>> m_modules;
-  std::shared_ptr<const VeRAProjections<Scalar>> m_vera;
+  AdapterContext<Scalar> m_context;
 };
 
 /// PEFT's print_trainable_parameters for `host`: every parameter the host lists (when it lists
@@ -307,8 +309,10 @@ inline bool path_matches_suffix(const std::string& path, const std::string& name
 inline std::vector<std::string> select_targets(const std::vector<std::string>& paths, const InjectionOptions& options) {
   const char* where = "rankwise::inject";
   int ways = int(!options.target_modules.empty()) + int(!options.target_regex.empty()) + int(options.all_linear);
-  const bool red_default = ways == 0 && options.adapter.name == "red";
-  if (ways != 1 && !red_default)
+  std::string_view default_target;  // the kind's own target when none is given (RED: mlp.down_proj)
+  visit_adapter_kind(options.adapter.name, [&](auto kind) { default_target = decltype(kind)::default_target; });
+  const bool kind_default = ways == 0 && !default_target.empty();
+  if (ways != 1 && !kind_default)
     detail::fail(where, "give exactly one of target_modules, target_regex, all_linear (got ", ways, ")");
   std::regex pattern;
   if (!options.target_regex.empty()) {
@@ -321,8 +325,8 @@ inline std::vector<std::string> select_targets(const std::vector<std::string>& p
   std::vector<std::string> selected;
   for (const std::string& path : paths) {
     bool take = false;
-    if (red_default)
-      take = path_matches_suffix(path, "mlp.down_proj");
+    if (kind_default)
+      take = path_matches_suffix(path, std::string(default_target));
     else if (options.all_linear)
       take = path != "lm_head";
     else if (!options.target_regex.empty())
@@ -362,9 +366,9 @@ template <typename ExplicitScalar = void, typename Host,
   requires ModuleHost<Host, Scalar>
 AdapterSet<Scalar> inject(Host& host, const InjectionOptions& options, Random& rng) {
   const char* where = "rankwise::inject";
-  if (!is_adapter_name(options.adapter.name) || options.adapter.name == "linear")
-    detail::fail(where, "adapter must be one of \"lora\", \"dylora\", \"erat\", \"vera\", \"red\", \"melora\" (got \"",
-                 options.adapter.name, "\")");
+  bool rank_patterned = false;
+  if (!visit_adapter_kind(options.adapter.name, [&](auto kind) { rank_patterned = decltype(kind)::rank_patterned; }))
+    detail::fail(where, "adapter must be one of ", quoted_adapter_kind_names(), " (got \"", options.adapter.name, "\")");
   std::vector<std::string> paths;
   std::vector<AnyLinear<Scalar>*> slots;
   std::set<std::string> unique;
@@ -380,32 +384,35 @@ AdapterSet<Scalar> inject(Host& host, const InjectionOptions& options, Random& r
     for (const std::string& p : paths) known += (known.empty() ? "" : ", ") + p;
     detail::fail(where, "the target pattern matches no module; the module paths are: ", known.empty() ? "(none)" : known);
   }
-  const bool patterned = options.adapter.name == "lora" || options.adapter.name == "dylora" ||
-                         options.adapter.name == "erat";
-  if (!patterned && (!options.rank_pattern.empty() || !options.alpha_pattern.empty()))
-    detail::fail(where, "rank_pattern and alpha_pattern apply to lora, dylora and erat (got \"", options.adapter.name,
-                 "\")");
+  if (!rank_patterned && (!options.rank_pattern.empty() || !options.alpha_pattern.empty())) {
+    std::string patterned;
+    for_each_adapter_kind([&](auto kind) {
+      if (decltype(kind)::rank_patterned) patterned += (patterned.empty() ? "" : ", ") + std::string(decltype(kind)::name);
+    });
+    detail::fail(where, "rank_pattern and alpha_pattern apply to ", patterned, " (got \"", options.adapter.name, "\")");
+  }
   for (const auto& [key, rank] : options.rank_pattern)
     if (rank < 1) detail::fail(where, "rank_pattern['", key, "'] must be >= 1 (got ", rank, ")");
   const auto slot_of = [&](const std::string& path) {
     return slots[std::size_t(std::find(paths.begin(), paths.end(), path) - paths.begin())];
   };
 
-  std::shared_ptr<const VeRAProjections<Scalar>> vera;
+  // Tensors the kind shares between its modules (VeRA's bank), sized to the largest target.
   AdapterContext<Scalar> context;
-  if (options.adapter.name == "vera") {
-    Index max_in = 0, max_out = 0;
-    for (const std::string& path : targets) {
-      max_in = std::max(max_in, slot_of(path)->in_features());
-      max_out = std::max(max_out, slot_of(path)->out_features());
-    }
-    if (options.vera_rank < 1) detail::fail(where, "vera_rank must be >= 1 (got ", options.vera_rank, ")");
-    vera = std::make_shared<const VeRAProjections<Scalar>>(options.vera_rank, max_in, max_out, rng);
-    context.vera_projections = vera;
+  TargetShapes shapes{.shared_rank = options.vera_rank};
+  for (const std::string& path : targets) {
+    shapes.max_in = std::max(shapes.max_in, slot_of(path)->in_features());
+    shapes.max_out = std::max(shapes.max_out, slot_of(path)->out_features());
   }
+  visit_adapter_kind(options.adapter.name,
+                     [&](auto kind) { decltype(kind)::template prepare_context<Scalar>(context, shapes, rng); });
 
-  // Build every replacement first, so a bad option leaves the host untouched.
-  std::vector<AnyLinear<Scalar>> built;
+  // Check every replacement first, so that a bad option leaves the host untouched: each is built once
+  // over a stand-in of its module's shape (one at a time, freed at once) from a copy of the stream.
+  // The real ones are then built around the modules' own bases, moved and not copied, from the same
+  // draws: the host's weights are never held twice.
+  std::vector<AdapterSpec> specs;
+  Random trial_rng = rng;
   for (const std::string& path : targets) {
     AnyLinear<Scalar>& slot = *slot_of(path);
     const Linear<Scalar>* base = slot.template get_if<Linear<Scalar>>();
@@ -413,42 +420,44 @@ AdapterSet<Scalar> inject(Host& host, const InjectionOptions& options, Random& r
       detail::fail(where, "module '", path, "' already holds a \"", slot.kind(),
                    "\" adapter; inject into a model with plain linear modules");
     AdapterSpec spec = options.adapter;
-    if (patterned) {
+    if (rank_patterned) {
       const Index* rank = detail::pattern_value(options.rank_pattern, path);
       const double* alpha = detail::pattern_value(options.alpha_pattern, path);
-      if (options.adapter.name == "lora") {
-        LoRAOptions o = detail::adapter_options<LoRAOptions>(spec, "LoRAOptions");
-        if (rank) o.rank = *rank;
-        if (alpha) o.alpha = *alpha;
+      visit_adapter_kind(spec.name, [&](auto kind) {
+        using K = decltype(kind);
+        typename K::Options o = detail::adapter_options<typename K::Options>(spec, K::options_name);
+        K::apply_pattern(o, rank, alpha);
         spec.options = o;
-      } else {
-        DyLoRAOptions o = detail::adapter_options<DyLoRAOptions>(spec, "DyLoRAOptions");
-        if (rank) o.max_rank = *rank;
-        if (alpha) o.alpha = *alpha;
-        spec.options = o;
-      }
+      });
     }
-    Linear<Scalar> frozen = *base;
-    frozen.set_trainable(false);
     try {
-      built.push_back(make_linear(std::move(frozen), spec, rng, context));
+      Linear<Scalar> stand_in(Matrix<Scalar>::Zero(base->out_features(), base->in_features()),
+                              base->has_bias() ? std::optional<Vector<Scalar>>(Vector<Scalar>::Zero(base->out_features()))
+                                               : std::nullopt,
+                              false);
+      make_linear(std::move(stand_in), spec, trial_rng, context);
     } catch (const InvalidArgument& e) {
       detail::fail(where, "module '", path, "': ", e.what());
     }
-    built.back().set_path(path);
-    built.back().set_training(slot.is_training());
+    specs.push_back(std::move(spec));
   }
-  // Nothing below throws.
+  // Nothing below throws but for a failed allocation.
   if constexpr (ParameterHost<Host, Scalar>) {
     for (Parameter<Scalar>* p : host.parameters()) p->trainable = false;
   }
   std::vector<InjectedModule<Scalar>> modules;
   for (std::size_t i = 0; i < targets.size(); ++i) {
     AnyLinear<Scalar>* slot = slot_of(targets[i]);
-    *slot = std::move(built[i]);
+    const bool training = slot->is_training();
+    Linear<Scalar> base = std::move(*slot->template get_if<Linear<Scalar>>());
+    base.set_trainable(false);
+    AnyLinear<Scalar> adapted = make_linear(std::move(base), specs[i], rng, context);
+    adapted.set_path(targets[i]);
+    adapted.set_training(training);
+    *slot = std::move(adapted);
     modules.push_back({targets[i], slot});
   }
-  return AdapterSet<Scalar>(std::move(modules), std::move(vera));
+  return AdapterSet<Scalar>(std::move(modules), std::move(context));
 }
 
 }  // namespace rankwise

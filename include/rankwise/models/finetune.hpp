@@ -275,16 +275,27 @@ PretrainResult pretrain(ToyTransformer<Scalar>& model, const PretrainRecipe& rec
 
 // --- fine-tuning ----------------------------------------------------------------------------------
 
-/// The method names a FinetuneRecipe accepts. "alora" is LoRA whose ranks a RankAllocator moves
-/// (ALoRA, *Allocating* LoRA, arXiv:2403.16187 — not PEFT's Activated LoRA; its files are plain LoRA).
-inline constexpr std::array<std::string_view, 7> finetune_adapter_names = {"lora", "dylora", "erat", "vera",
-                                                                           "red",  "melora", "alora"};
+/// The method names a FinetuneRecipe accepts: every adapter kind (adapters/kinds.hpp) and "alora",
+/// LoRA whose ranks a RankAllocator moves (ALoRA, *Allocating* LoRA, arXiv:2403.16187 — not PEFT's
+/// Activated LoRA; its files are plain LoRA).
+inline std::vector<std::string_view> finetune_adapter_names() {
+  std::vector<std::string_view> names = adapter_kind_names();
+  names.push_back("alora");
+  return names;
+}
 
-/// The peak learning rate examples/finetune uses for each method: 2e-3 for the LoRA family (LoRA,
-/// ALoRA, DyLoRA, MELoRA), 1e-2 for the methods that train few parameters per module or a narrow
-/// window of ranks per step (VeRA, RED, ERAT), chosen on the toy tasks (docs/models/finetune.md).
+/// The peak learning rate examples/finetune uses for each method, the kind's recommended_lr: 2e-3 for
+/// the LoRA family (LoRA, ALoRA, DyLoRA, MELoRA), 1e-2 for the methods that train few parameters per
+/// module or a narrow window of ranks per step (VeRA, RED, ERAT), chosen on the toy tasks
+/// (docs/models/finetune.md). InvalidArgument for an unknown method.
 inline double recommended_lr(std::string_view adapter) {
-  return adapter == "vera" || adapter == "red" || adapter == "erat" ? 1e-2 : 2e-3;
+  double lr = 0.0;
+  if (!visit_adapter_kind(adapter == "alora" ? "lora" : adapter, [&](auto kind) { lr = decltype(kind)::recommended_lr; })) {
+    std::string methods;
+    for (std::string_view n : finetune_adapter_names()) methods += (methods.empty() ? "" : ", ") + std::string(n);
+    detail::fail("rankwise::recommended_lr", "adapter must be one of ", methods, " (got \"", adapter, "\")");
+  }
+  return lr;
 }
 
 /// Everything one fine-tuning run is made of, but the data.
@@ -505,10 +516,13 @@ class Finetuner {
     apply_evaluation_ranks();
     SavedAdapter saved{dir, {}};
     save_rankwise_adapter(dir, adapters<AnyLinear<Scalar>>());
-    if (m_recipe.adapter == "vera") {
+    PeftForm form = PeftForm::None;
+    visit_adapter_kind(m_recipe.adapter == "alora" ? "lora" : m_recipe.adapter,
+                       [&](auto kind) { form = decltype(kind)::peft_form; });
+    if (form == PeftForm::Vera) {
       save_peft_vera(dir, adapters<VeRA<Scalar>>(), peft);
       saved.peft_type = "VERA";
-    } else if (m_recipe.adapter != "red") {
+    } else if (form == PeftForm::Lora) {
       save_peft_adapter(dir, adapters<AnyLinear<Scalar>>(), peft);
       saved.peft_type = "LORA";
     }
@@ -587,8 +601,15 @@ class Finetuner {
     return model;
   }
 
+  static std::string method_list() {
+    std::string out;
+    for (std::string_view n : finetune_adapter_names()) out += (out.empty() ? "" : ", ") + std::string(n);
+    return out;
+  }
+
   static bool is_method(std::string_view name) {
-    return std::find(finetune_adapter_names.begin(), finetune_adapter_names.end(), name) != finetune_adapter_names.end();
+    const std::vector<std::string_view> names = finetune_adapter_names();
+    return std::find(names.begin(), names.end(), name) != names.end();
   }
 
   /// The checks that do not need the model to change (the injection checks the rest, before it
@@ -596,7 +617,7 @@ class Finetuner {
   static const FinetuneRecipe& checked(ToyTransformer<Scalar>& model, const FinetuneRecipe& r,
                                        const TokenBatch& validation) {
     if (!is_method(r.adapter))
-      detail::fail(where, "adapter must be one of lora, dylora, erat, vera, red, melora, alora (got \"", r.adapter, "\")");
+      detail::fail(where, "adapter must be one of ", method_list(), " (got \"", r.adapter, "\")");
     if (r.rank < 1) detail::fail(where, "rank must be >= 1 (got ", r.rank, ")");
     if (!(r.alpha > 0.0) || !std::isfinite(r.alpha)) detail::fail(where, "alpha must be a finite number > 0 (got ", r.alpha, ")");
     if (r.steps < 1) detail::fail(where, "steps must be >= 1 (got ", r.steps, ")");
@@ -648,17 +669,21 @@ class Finetuner {
     o.adapter.name = kind;
     if (!std::holds_alternative<std::monostate>(r.options)) {
       o.adapter.options = r.options;
-    } else if (kind == "lora" && r.adapter == "alora" && prunes(r)) {  // start above the budget
-      o.adapter.options = LoRAOptions{.rank = r.rank * r.prune_start_factor, .alpha = r.alpha * double(r.prune_start_factor)};
-    } else if (kind == "lora") {
-      o.adapter.options = LoRAOptions{.rank = r.rank, .alpha = r.alpha};
-    } else if (kind == "dylora" || kind == "erat") {
-      o.adapter.options = DyLoRAOptions{.max_rank = r.rank, .alpha = r.alpha, .frozen = r.dylora_frozen};
-    } else if (kind == "melora") {  // n minis of rank r / n: the same equivalent rank as LoRA's r
-      o.adapter.options =
-          MELoRAOptions{.n = r.melora_n, .mini_rank = std::max<Index>(1, r.rank / r.melora_n), .alpha = r.alpha};
+    } else {
+      // The kind's options at the recipe's rank and alpha (pruning runs start above the budget, at the
+      // same scale), after the recipe's settings of particular kinds.
+      const bool above = r.adapter == "alora" && prunes(r);
+      const Index rank = above ? r.rank * r.prune_start_factor : r.rank;
+      const double alpha = above ? r.alpha * double(r.prune_start_factor) : r.alpha;
+      visit_adapter_kind(kind, [&](auto k) {
+        using K = decltype(k);
+        typename K::Options base{};
+        if constexpr (std::is_same_v<typename K::Options, DyLoRAOptions>) base.frozen = r.dylora_frozen;
+        if constexpr (std::is_same_v<typename K::Options, MELoRAOptions>) base.n = r.melora_n;
+        o.adapter.options = K::at_rank(rank, alpha, base);
+      });
     }
-    if (kind == "vera") o.vera_rank = r.vera_rank > 0 ? r.vera_rank : 16 * r.rank;
+    o.vera_rank = r.vera_rank > 0 ? r.vera_rank : 16 * r.rank;  // used by kinds with a shared bank
     o.rank_pattern = r.rank_pattern;
     o.alpha_pattern = r.alpha_pattern;
     const bool all = r.target_modules.size() == 1 && r.target_modules.front() == "all-linear";
@@ -668,7 +693,9 @@ class Finetuner {
       o.target_modules = r.target_modules;
     }
     o.target_regex = r.target_regex;
-    if (r.target_modules.empty() && r.target_regex.empty() && kind != "red") o.all_linear = true;
+    std::string_view default_target;
+    visit_adapter_kind(kind, [&](auto k) { default_target = decltype(k)::default_target; });
+    if (r.target_modules.empty() && r.target_regex.empty() && default_target.empty()) o.all_linear = true;
     return o;
   }
 

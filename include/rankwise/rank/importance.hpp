@@ -659,11 +659,38 @@ class FisherImportance final : public ImportanceEstimator<Scalar> {
 
   long observations() const { return m_observations; }
 
- private:
-  struct State {
-    Vector<double> ema;    // EMA of d_i^2 per rank
-    Vector<double> steps;  // observations per rank (bias correction); sliced like ema on surgery
+  /// Per observed parameter (by name), per rank: the EMA of d_i^2 and the number of observations
+  /// behind it (its bias correction). For checkpoints.
+  struct Moments {
+    Vector<double> ema;
+    Vector<double> steps;
   };
+  std::map<std::string, Moments> moments() const { return {m_state.begin(), m_state.end()}; }
+  /// Puts back what observations() and moments() returned; ranks are checked at the next observe().
+  /// Refuses (InvalidArgument, nothing changed) lengths that differ, negative or non-finite values and
+  /// counts that are not whole numbers.
+  void restore(long observations, const std::map<std::string, Moments>& moments) {
+    const char* where = "rankwise::FisherImportance";
+    if (observations < 0) detail::fail(where, "restore: observations must be >= 0 (got ", observations, ")");
+    for (const auto& [name, m] : moments) {
+      if (m.ema.size() != m.steps.size())
+        detail::fail(where, "restore: '", name, "' has ", m.ema.size(), " EMA values but ", m.steps.size(),
+                     " observation counts");
+      for (Index i = 0; i < m.ema.size(); ++i) {
+        if (!(std::isfinite(m.ema(i)) && m.ema(i) >= 0.0))
+          detail::fail(where, "restore: the EMA of '", name, "' rank ", i, " must be finite and >= 0 (got ", m.ema(i),
+                       ")");
+        if (!(m.steps(i) >= 0.0 && m.steps(i) <= double(observations) && m.steps(i) == std::floor(m.steps(i))))
+          detail::fail(where, "restore: the observation count of '", name, "' rank ", i,
+                       " must be a whole number in [0, observations = ", observations, "] (got ", m.steps(i), ")");
+      }
+    }
+    m_state = std::unordered_map<std::string, Moments>(moments.begin(), moments.end());
+    m_observations = observations;
+  }
+
+ private:
+  using State = Moments;  // ema: EMA of d_i^2 per rank; steps: its observations (sliced alike on surgery)
 
   // The first trainable rank-sliced factor (A's rows for LoRA): d_i is the same from either factor.
   static std::optional<RankSlice<Scalar>> trainable_slice(RankModule<Scalar>& module) {
