@@ -13,9 +13,17 @@
 //              averaged) or magnitude scores
 //   prune-balanced  the control: the same start and schedule, ending at uniform ranks
 //   oracle     LoRA on the planted modules only, ranks in proportion to the planted ones
+//   oracle-optimal  LoRA at the budget-optimal ranks (below)
+//   prune-fisher-to-planted, prune-fisher-to-optimal  prune-fisher that must end at the oracle's or the
+//              budget-optimal ranks: what the allocator's own choice of ranks is worth
 // and the program reports every configuration (mean and standard deviation over seeds) and the
 // family: how often and by how much each allocator beats uniform LoRA on the held-out teacher KL,
-// the Spearman correlation of its final ranks with the planted ones, the ranks left on modules planted
+// the Spearman correlation of its final ranks with the planted ones and with the budget-optimal ranks
+// (when the budget binds, the planted ranks are not the best allocation: each planted change is
+// calibrated to cost the same KL alone, so a direction of a rank-2 change is worth three of a rank-6
+// one; the budget-optimal ranks keep the directions worth most, each worth its change's calibrated
+// KL split by the data-visible spectrum; they equal the planted ranks when the budget does not bind),
+// the ranks left on modules planted
 // at rank 0, the share of pruned ranks that had been added at the round before (oscillation) and the
 // allocator's cost: extra wall time over the uniform run and the scoring rounds' share of the run.
 // Output: text on stdout, <out>/runs.csv (one row per run) and <out>/summary.md.
@@ -31,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -100,6 +109,37 @@ class BalancedScores final : public rankwise::ImportanceEstimator<float> {
   rankwise::MagnitudeImportance<float> m_magnitude;
 };
 
+// Pruning to given ranks (methods prune-fisher-to-planted and prune-fisher-to-optimal): Fisher drop
+// costs, except that each module's `target` best ranks are never pruned, so that the run starts and
+// trains like prune-fisher but ends at the target allocation (as near as the start allows). Against
+// prune-fisher it tells what the allocator's own choice of ranks is worth, everything else equal.
+class TargetedScores final : public rankwise::ImportanceEstimator<float> {
+ public:
+  explicit TargetedScores(std::map<std::string, Index> targets) : m_targets(std::move(targets)) {}
+  const char* name() const override { return "targeted"; }
+  bool needs_observations() const override { return true; }
+  void observe(std::span<rankwise::RankModule<float>> modules) override { m_fisher.observe(modules); }
+  void follow(const rankwise::RankChange& change) override { m_fisher.follow(change); }
+  rankwise::ImportanceScores score(std::span<rankwise::RankModule<float>> modules) override {
+    rankwise::ImportanceScores out = m_fisher.score(modules);
+    if (out.status != rankwise::Status::Ok) return out;
+    for (std::size_t m = 0; m < modules.size(); ++m) {
+      const auto it = m_targets.find(modules[m].path());
+      const Index target = it == m_targets.end() ? 0 : it->second;
+      std::vector<double>& v = out.scores[m];
+      std::vector<std::size_t> order(v.size());
+      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return v[a] > v[b]; });
+      for (std::size_t k = 0; k < order.size() && Index(k) < target; ++k) v[order[k]] = 1e30;  // its best `target`
+    }
+    return out;
+  }
+
+ private:
+  std::map<std::string, Index> m_targets;
+  rankwise::FisherImportance<float> m_fisher;
+};
+
 // A configuration of the family: planted ranks per module and a budget, from its seed alone.
 struct Configuration {
   int id = 0;
@@ -156,12 +196,44 @@ Configuration make_configuration(int id, const std::vector<std::string>& paths) 
   return c;
 }
 
+// The budget-optimal ranks (aligned with c.plan): the budget goes, direction by direction, to the
+// planted directions worth most, a direction's worth being its change's calibrated KL split in
+// proportion to the squares of the change's data-visible singular values. `kl` and `spectra` are in
+// the order of the planted (non-zero) modules. Equal worths go round robin (first directions first).
+std::vector<Index> budget_optimal_ranks(const Configuration& c, const std::vector<double>& kl,
+                                        const std::vector<std::vector<double>>& spectra) {
+  struct Direction {
+    double worth;
+    std::size_t order, module;
+  };
+  std::vector<Direction> directions;
+  std::size_t planted = 0;
+  for (std::size_t m = 0; m < c.plan.size(); ++m) {
+    if (c.plan[m].rank == 0) continue;
+    const std::vector<double>& s = spectra.at(planted);
+    double total = 0.0;
+    for (double v : s) total += v * v;
+    for (std::size_t k = 0; k < s.size() && Index(k) < c.plan[m].rank; ++k)
+      directions.push_back({total > 0.0 ? kl.at(planted) * s[k] * s[k] / total : 0.0, k, m});
+    ++planted;
+  }
+  // Worths equal to within a part in a thousand count as equal, so that near-ties go round robin.
+  std::stable_sort(directions.begin(), directions.end(), [](const Direction& a, const Direction& b) {
+    if (std::abs(a.worth - b.worth) > 1e-3 * std::max(a.worth, b.worth)) return a.worth > b.worth;
+    return a.order != b.order ? a.order < b.order : a.module < b.module;
+  });
+  std::vector<Index> ranks(c.plan.size(), 0);
+  for (std::size_t i = 0; i < directions.size() && Index(i) < c.budget; ++i) ++ranks[directions[i].module];
+  return ranks;
+}
+
 struct Run {
   std::string method;
   int config = 0;
   int seed = 0;
   double kl = NAN;
   double spearman = NAN;
+  double spearman_optimal = NAN;  // against the budget-optimal ranks
   double zero_rank = NAN;  // mean final rank on modules planted at rank 0
   long pruned = 0, pruned_recent = 0, rounds = 0;
   double seconds = 0.0;
@@ -169,29 +241,46 @@ struct Run {
   std::string ranks;
 };
 
-rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configuration& c, const Settings& s) {
+// The ranks in proportion to the planted ones at the budget (aligned with c.plan; planted modules get
+// at least 1).
+std::vector<Index> oracle_ranks(const Configuration& c) {
+  Index planted = 0;
+  for (const rankwise::ModuleRank& m : c.plan) planted += m.rank;
+  std::vector<Index> ranks;
+  Index sum = 0;
+  for (const rankwise::ModuleRank& m : c.plan) {
+    const Index k = m.rank == 0 ? 0 : std::max<Index>(1, Index(std::floor(double(m.rank * c.budget) / double(planted))));
+    ranks.push_back(k);
+    sum += k;
+  }
+  for (std::size_t i = 0; sum < c.budget; i = (i + 1) % ranks.size())  // the remainder to planted modules
+    if (ranks[i] > 0 && ranks[i] < c.plan[i].rank) {
+      ++ranks[i];
+      ++sum;
+    }
+  return ranks;
+}
+
+rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configuration& c, const Settings& s,
+                                    const std::vector<Index>& optimal) {
   rankwise::FinetuneRecipe r;
-  r.adapter = method == "lora" || method == "oracle" ? "lora" : "alora";
+  r.adapter = method == "lora" || method.rfind("oracle", 0) == 0 ? "lora" : "alora";
   r.rank = c.uniform_rank;
   r.alpha = 2.0 * double(c.uniform_rank);
   r.steps = s.steps;
   r.lr = rankwise::recommended_lr("lora");
   if (method == "lora") return r;
-  if (method == "oracle") {  // LoRA on the planted modules only, ranks in proportion to the planted ones
-    Index planted = 0;
-    for (const rankwise::ModuleRank& m : c.plan) planted += m.rank;
-    std::vector<Index> ranks;
-    Index sum = 0;
-    for (const rankwise::ModuleRank& m : c.plan) {
-      const Index k = m.rank == 0 ? 0 : std::max<Index>(1, Index(std::floor(double(m.rank * c.budget) / double(planted))));
-      ranks.push_back(k);
-      sum += k;
-    }
-    for (std::size_t i = 0; sum < c.budget; i = (i + 1) % ranks.size())  // the remainder to planted modules
-      if (ranks[i] > 0 && ranks[i] < c.plan[i].rank) {
-        ++ranks[i];
-        ++sum;
+  if (method == "oracle-optimal") {  // LoRA at the budget-optimal ranks
+    for (std::size_t i = 0; i < optimal.size(); ++i)
+      if (optimal[i] > 0) {
+        r.target_modules.push_back(c.plan[i].path);
+        r.rank_pattern[c.plan[i].path] = optimal[i];
+        r.alpha_pattern[c.plan[i].path] = 2.0 * double(optimal[i]);
       }
+    return r;
+  }
+  if (method == "oracle") {  // LoRA on the planted modules only, ranks in proportion to the planted ones
+    const std::vector<Index> ranks = oracle_ranks(c);
     for (std::size_t i = 0; i < ranks.size(); ++i)
       if (ranks[i] > 0) {
         r.target_modules.push_back(c.plan[i].path);
@@ -231,8 +320,9 @@ rankwise::FinetuneRecipe recipe_for(const std::string& method, const Configurati
   return r;
 }
 
+// Runs every method and seed on configuration c; `optimal` receives its budget-optimal ranks.
 std::vector<Run> run_configuration(const Configuration& c, Model& base, const rankwise::TaskOptions& task_options,
-                                   const Settings& s) {
+                                   const Settings& s, std::vector<Index>& optimal) {
   Random plant_rng(0x9A4 + std::uint64_t(c.id));
   std::vector<rankwise::ModuleRank> nonzero;
   for (const rankwise::ModuleRank& m : c.plan)
@@ -243,10 +333,16 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       .basis = s.basis == "weights" ? rankwise::PlantBasis::Weights : rankwise::PlantBasis::Inputs};
   rankwise::PlantedTeacher<float> teacher(base, nonzero, plant_options, plant_rng, inputs.sample(256, basis_rng));
   Random calibration_rng(0xCA11B + std::uint64_t(c.id));
-  teacher.calibrate(inputs.sample(s.batch, calibration_rng));
-  if (s.verbose) {  // the rank of every planted change as the data sees it
-    Random spectrum_rng(0x5BEC + std::uint64_t(c.id));
-    const std::vector<std::vector<double>> spectra = teacher.effect_spectra(inputs.sample(256, spectrum_rng));
+  const rankwise::PlantCalibration calibration = teacher.calibrate(inputs.sample(s.batch, calibration_rng));
+  // The rank of every planted change as the data sees it, and the budget-optimal ranks from it.
+  Random spectrum_rng(0x5BEC + std::uint64_t(c.id));
+  const std::vector<std::vector<double>> spectra = teacher.effect_spectra(inputs.sample(256, spectrum_rng));
+  optimal = budget_optimal_ranks(c, calibration.kl, spectra);
+  std::vector<rankwise::ModuleRank> optimal_truth = teacher.truth();
+  for (rankwise::ModuleRank& m : optimal_truth)
+    for (std::size_t i = 0; i < c.plan.size(); ++i)
+      if (c.plan[i].path == m.path) m.rank = optimal[i];
+  if (s.verbose) {
     std::ostringstream os;
     os << "configuration " << c.id << ": planted rank / participation ratio of dW X (sum s^2)^2 / sum s^4:";
     for (std::size_t i = 0; i < spectra.size(); ++i) {
@@ -259,6 +355,8 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       std::snprintf(cell, sizeof cell, " %ld/%.1f", long(teacher.changes()[i].rank), s4 > 0.0 ? s2 * s2 / s4 : 0.0);
       os << cell;
     }
+    os << "\nconfiguration " << c.id << ": budget-optimal ranks";
+    for (Index k : optimal) os << ' ' << k;
     std::printf("%s\n", os.str().c_str());
   }
   rankwise::TeacherTask<float> task(teacher.model(), inputs);
@@ -270,7 +368,7 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       Random init_rng(1);
       Model model(base.config(), init_rng);
       model.copy_parameters_from(base);
-      rankwise::FinetuneRecipe recipe = recipe_for(method, c, s);
+      rankwise::FinetuneRecipe recipe = recipe_for(method, c, s, optimal);
       recipe.seed = std::uint64_t(seed);
       recipe.validation_batches = s.validation_batches;
       Random validation_rng(std::uint64_t(seed) * 31 + 0xA11C);
@@ -278,7 +376,14 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
       auto loss = std::make_shared<rankwise::TeacherLoss<float>>(teacher.model());
       std::shared_ptr<rankwise::ImportanceEstimator<float>> estimator;
       if (method == "prune-balanced") estimator = std::make_shared<BalancedScores>();
-      if (const std::size_t f = method.find("-fisher"); f != std::string::npos && method.size() > f + 7)
+      if (method == "prune-fisher-to-planted" || method == "prune-fisher-to-optimal") {
+        std::map<std::string, Index> targets;
+        for (std::size_t i = 0; i < c.plan.size(); ++i)
+          targets[c.plan[i].path] = method == "prune-fisher-to-optimal" ? optimal[i] : oracle_ranks(c)[i];
+        estimator = std::make_shared<TargetedScores>(std::move(targets));
+      }
+      if (const std::size_t f = method.find("-fisher");
+          f != std::string::npos && method.size() > f + 7 && std::isdigit(static_cast<unsigned char>(method[f + 7])))
         estimator = std::make_shared<rankwise::FisherImportance<float>>(
             rankwise::FisherImportanceOptions{.beta = std::stod("0." + method.substr(f + 7))});
       if (method.find("-sum") != std::string::npos)  // sensitivity summed over each slice (not averaged)
@@ -299,6 +404,7 @@ std::vector<Run> run_configuration(const Configuration& c, Model& base, const ra
         const std::map<std::string, Index> ranks = allocator->rank_pattern();
         const rankwise::AllocationComparison cmp = rankwise::compare_allocation(teacher.truth(), ranks);
         r.spearman = cmp.spearman.value_or(NAN);
+        r.spearman_optimal = rankwise::compare_allocation(optimal_truth, ranks).spearman.value_or(NAN);
         double zero_sum = 0.0;
         int zero_n = 0;
         for (const rankwise::ModuleRank& m : c.plan) {
@@ -394,7 +500,8 @@ int main(int argc, char** argv) {
   app.add_option("--methods", s.methods,
                  "comma-separated: lora, paper, gain, prune, prune-x<k>, prune-fisher[<digits>], prune-ab, prune-sens[-sum], "
                  "prune-mag, "
-                 "prune-balanced (the control), oracle (LoRA on the planted modules, ranks in proportion)");
+                 "prune-balanced (the control), oracle (LoRA on the planted modules, ranks in proportion), oracle-optimal "
+                 "(LoRA at the budget-optimal ranks), prune-fisher-to-planted / -to-optimal (pruning that ends at those ranks)");
   app.add_option("--basis", s.basis,
                  "planted changes orthonormal in the inputs' metric (inputs: every direction moves the outputs "
                  "alike) or in weight space (weights)")
@@ -405,8 +512,11 @@ int main(int argc, char** argv) {
   app.add_flag("--verbose", s.verbose, "print every allocator's rounds for the first seed");
   CLI11_PARSE(app, argc, argv);
   for (const std::string& m : rankwise::bench::split_list(s.methods))
-    if (m != "lora" && m != "paper" && m != "gain" && m.rfind("prune", 0) != 0 && m != "oracle") {
-      std::fprintf(stderr, "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, prune, oracle)\n",
+    if (m != "lora" && m != "paper" && m != "gain" && m.rfind("prune", 0) != 0 && m != "oracle" &&
+        m != "oracle-optimal") {
+      std::fprintf(stderr,
+                   "allocation_study: --methods: unknown method \"%s\" (known: lora, paper, gain, prune, oracle, "
+                   "oracle-optimal)\n",
                    m.c_str());
       return 2;
     }
@@ -450,13 +560,14 @@ int main(int argc, char** argv) {
 
   const auto start = Clock::now();
   std::vector<std::vector<Run>> results(configurations.size());
+  std::vector<std::vector<Index>> optimal(configurations.size());
   std::atomic<std::size_t> next{0};
   std::mutex print;
   std::vector<std::thread> workers;
   for (int j = 0; j < s.jobs; ++j)
     workers.emplace_back([&] {
       for (std::size_t i; (i = next++) < configurations.size();) {
-        results[i] = run_configuration(configurations[i], base.model, task_options, s);
+        results[i] = run_configuration(configurations[i], base.model, task_options, s, optimal[i]);
         std::lock_guard<std::mutex> lock(print);
         std::printf("  configuration %d done (%.0f s)\n", configurations[i].id, seconds_since(start));
         std::fflush(stdout);
@@ -465,11 +576,11 @@ int main(int argc, char** argv) {
   for (std::thread& w : workers) w.join();
 
   std::ofstream csv(out / "runs.csv");
-  csv << "config,binding,budget,seed,method,teacher_kl,spearman,zero_module_rank,rounds,pruned,pruned_recent,seconds,"
+  csv << "config,binding,budget,seed,method,teacher_kl,spearman,spearman_optimal,zero_module_rank,rounds,pruned,pruned_recent,seconds,"
          "scoring_seconds,final_ranks\n";
   std::ostringstream md;
   const std::vector<std::string> methods = rankwise::bench::split_list(s.methods);
-  md << "| config | budget | planted ranks |";
+  md << "| config | budget | planted ranks (budget-optimal ranks) |";
   for (const std::string& m : methods) md << ' ' << m << " KL |";
   for (const std::string& m : methods)
     if (m != "lora") md << ' ' << m << " spearman |";
@@ -481,25 +592,31 @@ int main(int argc, char** argv) {
   // Family statistics of each allocator against uniform LoRA.
   struct Family {
     int wins = 0, within_sd = 0, n = 0;
-    std::vector<double> rel, spearman, zero;
+    std::vector<double> rel, spearman, spearman_equal, spearman_binding, spearman_optimal, zero;
     long pruned = 0, recent = 0;
     double seconds = 0.0, lora_seconds = 0.0, scoring_seconds = 0.0;
   };
   std::map<std::string, Family> family;
   for (std::size_t i = 0; i < configurations.size(); ++i) {
     const Configuration& c = configurations[i];
-    std::map<std::string, std::vector<double>> kl, rho;
+    std::map<std::string, std::vector<double>> kl, rho, rho_optimal;
     std::map<std::string, double> seconds;
     for (const Run& r : results[i]) {
       kl[r.method].push_back(r.kl);
       rho[r.method].push_back(r.spearman);
+      rho_optimal[r.method].push_back(r.spearman_optimal);
       seconds[r.method] += r.seconds;
       csv << c.id << ',' << (c.binding ? 1 : 0) << ',' << c.budget << ',' << r.seed << ',' << r.method << ',' << r.kl
-          << ',' << r.spearman << ',' << r.zero_rank << ',' << r.rounds << ',' << r.pruned << ',' << r.pruned_recent
+          << ',' << r.spearman << ',' << r.spearman_optimal << ',' << r.zero_rank << ',' << r.rounds << ',' << r.pruned << ',' << r.pruned_recent
           << ',' << r.seconds << ',' << r.scoring_seconds << ',' << r.ranks << '\n';
     }
     md << "| " << c.id << " | " << c.budget << (c.binding ? " (binding)" : " (= planted)") << " | ";
     for (const rankwise::ModuleRank& m : c.plan) md << m.rank << ' ';
+    if (c.binding) {
+      md << "(";
+      for (std::size_t k = 0; k < optimal[i].size(); ++k) md << (k ? " " : "") << optimal[i][k];
+      md << ") ";
+    }
     md << '|';
     for (const std::string& m : methods) md << ' ' << fmt(stats_of(kl[m])) << " |";
     for (const std::string& m : methods)
@@ -515,6 +632,8 @@ int main(int argc, char** argv) {
       if (st.mean <= lora.mean + (std::isfinite(lora.sd) ? lora.sd : 0.0)) ++f.within_sd;
       f.rel.push_back((lora.mean - st.mean) / lora.mean);
       f.spearman.push_back(stats_of(rho[m]).mean);
+      (c.binding ? f.spearman_binding : f.spearman_equal).push_back(stats_of(rho[m]).mean);
+      f.spearman_optimal.push_back(stats_of(rho_optimal[m]).mean);
       for (const Run& r : results[i])
         if (r.method == m) {
           f.zero.push_back(r.zero_rank);
@@ -527,15 +646,19 @@ int main(int argc, char** argv) {
     }
   }
   md << "\n| allocator | configurations better than uniform LoRA | mean KL reduction | never worse by more than 1 sd "
-        "| mean Spearman | mean rank on rank-0 modules | pruned ranks added the round before | extra time over "
-        "uniform | scoring time / run time |\n|---|---|---|---|---|---|---|---|---|\n";
+        "| mean Spearman with planted ranks (equal budgets / binding) | with budget-optimal ranks | mean rank on rank-0 "
+        "modules | pruned ranks added the round before | extra time over uniform | scoring time / run time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& [m, f] : family) {
     char line[512];
     std::vector<double> percent;
     for (double x : f.rel) percent.push_back(100.0 * x);
-    std::snprintf(line, sizeof line, "| %s | %d of %d | %s %% | %d of %d | %s | %s | %ld of %ld (%.1f %%) | %.0f %% | %.0f %% |\n",
+    std::snprintf(line, sizeof line,
+                  "| %s | %d of %d | %s %% | %d of %d | %s (%s / %s) | %s | %s | %ld of %ld (%.1f %%) | %.0f %% | %.0f %% |\n",
                   m.c_str(), f.wins, f.n, fmt(stats_of(percent), 1).c_str(), f.within_sd, f.n,
-                  fmt(stats_of(f.spearman), 2).c_str(), fmt(stats_of(f.zero), 2).c_str(), f.recent, f.pruned,
+                  fmt(stats_of(f.spearman), 2).c_str(), fmt(stats_of(f.spearman_equal), 2).c_str(),
+                  fmt(stats_of(f.spearman_binding), 2).c_str(), fmt(stats_of(f.spearman_optimal), 2).c_str(),
+                  fmt(stats_of(f.zero), 2).c_str(), f.recent, f.pruned,
                   f.pruned ? 100.0 * double(f.recent) / double(f.pruned) : 0.0,
                   f.lora_seconds > 0 ? 100.0 * (f.seconds - f.lora_seconds) / f.lora_seconds : 0.0,
                   f.seconds > 0 ? 100.0 * f.scoring_seconds / f.seconds : 0.0);
