@@ -14,6 +14,7 @@
 /// b <= r_max. Compute scales with b; B A is formed only to merge or export. Docs: docs/adapters/dylora.md
 
 #include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
@@ -24,6 +25,7 @@
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -116,11 +118,7 @@ class DyLoRA {
   bool is_training() const { return m_training; }
 
   /// Names its parameters after the module path: "<path>.lora_A.weight", "<path>.base_layer.weight".
-  void set_path(const std::string& path) {
-    m_base.set_path(path.empty() ? std::string("base_layer") : path + ".base_layer");
-    m_A.name = path.empty() ? std::string("lora_A.weight") : path + ".lora_A.weight";
-    m_B.name = path.empty() ? std::string("lora_B.weight") : path + ".lora_B.weight";
-  }
+  void set_path(const std::string& path) { detail::adapter_set_path(m_base, path, own()); }
 
   // --- the Layer contract ----------------------------------------------------------------------
   /// y = W x + b + (alpha / b) B[:, :b] A[:b, :] x. In training mode caches what backward() needs.
@@ -166,18 +164,9 @@ class DyLoRA {
   }
 
   /// The frozen base parameters (flagged non-trainable), then lora_A and lora_B (all r_max components).
-  std::vector<Parameter<Scalar>*> parameters() {
-    std::vector<Parameter<Scalar>*> params = m_base.parameters();
-    params.push_back(&m_A);
-    params.push_back(&m_B);
-    return params;
-  }
+  std::vector<Parameter<Scalar>*> parameters() { return detail::adapter_parameters(m_base, own()); }
 
-  void zero_grad() {
-    m_base.zero_grad();
-    m_A.zero_grad();
-    m_B.zero_grad();
-  }
+  void zero_grad() { detail::adapter_zero_grad(m_base, own()); }
 
   /// r_max (in + out): every component is stored and trained at some step.
   Index trainable_parameter_count() const { return m_A.value.size() + m_B.value.size(); }
@@ -213,6 +202,11 @@ class DyLoRA {
   LoRAFactors<Scalar> lora_factors() const { return lora_factors(m_rank); }
 
  private:
+  /// Its own parameters and the suffixes they are named by (adapters/own_parameters.hpp).
+  std::array<detail::OwnParameter<Scalar>, 2> own() {
+    return {{{&m_A, "lora_A.weight"}, {&m_B, "lora_B.weight"}}};
+  }
+
   void check_rank(const char* what, Index b) const {
     if (b < 1 || b > max_rank())
       detail::fail("rankwise::DyLoRA", what, ": rank b must be in [1, r_max] = [1, ", max_rank(), "] (got ", b, ")");

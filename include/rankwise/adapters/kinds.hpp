@@ -79,6 +79,13 @@ concept AdapterKindTraits = requires(typename K::Options& options, const Index* 
   K::template prepare_context<float>(prepared, shapes, rng);     // shared tensors of the whole injection
 };
 
+namespace detail {
+template <typename T, typename Dependent>
+struct deferred {  // T, named through a template parameter so that lookups in it wait for that parameter
+  using type = T;
+};
+}  // namespace detail
+
 namespace kinds {
 
 /// Defaults for a kind without rank patterns or shared tensors.
@@ -104,10 +111,12 @@ template <typename Kind, typename Options_, Index Options_::*Rank>
 struct RankPatternedKind : KindDefaults {
   using Options = Options_;
   static constexpr bool rank_patterned = true;
+  // The return type names Kind through S, so that it is looked up when make<S> is used (Kind is still
+  // incomplete where this base is instantiated) and no body is instantiated to deduce it.
   template <FloatScalar S>
-  static auto make(Linear<S> base, const Options& o, Random& rng, const AdapterContext<S>&) {
-    using Layer = typename Kind::template Layer<S>;  // (Kind is complete once make is called)
-    return Layer(std::move(base), o, rng);
+  static typename detail::deferred<Kind, S>::type::template Layer<S> make(Linear<S> base, const Options& o,
+                                                                          Random& rng, const AdapterContext<S>&) {
+    return typename Kind::template Layer<S>(std::move(base), o, rng);
   }
   static void apply_pattern(Options& o, const Index* rank, const double* alpha) {
     if (rank) o.*Rank = *rank;

@@ -11,6 +11,7 @@
 /// Compute scales with the current rank r; B A is formed only by delta_weight() and merge().
 /// Docs: docs/adapters/lora.md
 
+#include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
@@ -21,6 +22,7 @@
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <span>
@@ -127,11 +129,7 @@ class LoRA {
   bool is_enabled() const { return m_enabled; }
 
   /// Names its parameters after the module path: "<path>.lora_A.weight", "<path>.base_layer.weight".
-  void set_path(const std::string& path) {
-    m_base.set_path(path.empty() ? std::string("base_layer") : path + ".base_layer");
-    m_A.name = path.empty() ? std::string("lora_A.weight") : path + ".lora_A.weight";
-    m_B.name = path.empty() ? std::string("lora_B.weight") : path + ".lora_B.weight";
-  }
+  void set_path(const std::string& path) { detail::adapter_set_path(m_base, path, own()); }
 
   /// The generator that draws dropout masks (for checkpoints, or to replay a mask).
   Random& dropout_generator() { return m_dropout_rng; }
@@ -211,18 +209,9 @@ class LoRA {
   }
 
   /// The frozen base parameters (flagged non-trainable), then lora_A and lora_B.
-  std::vector<Parameter<Scalar>*> parameters() {
-    std::vector<Parameter<Scalar>*> params = m_base.parameters();
-    params.push_back(&m_A);
-    params.push_back(&m_B);
-    return params;
-  }
+  std::vector<Parameter<Scalar>*> parameters() { return detail::adapter_parameters(m_base, own()); }
 
-  void zero_grad() {
-    m_base.zero_grad();
-    m_A.zero_grad();
-    m_B.zero_grad();
-  }
+  void zero_grad() { detail::adapter_zero_grad(m_base, own()); }
 
   /// r (in + out): the adapter's own trainable scalars.
   Index trainable_parameter_count() const { return m_A.value.size() + m_B.value.size(); }
@@ -379,6 +368,11 @@ class LoRA {
   }
 
  private:
+  /// Its own parameters and the suffixes they are named by (adapters/own_parameters.hpp).
+  std::array<detail::OwnParameter<Scalar>, 2> own() {
+    return {{{&m_A, "lora_A.weight"}, {&m_B, "lora_B.weight"}}};
+  }
+
   bool branch_active() const { return m_enabled && !m_merge.is_merged() && rank() > 0; }
 
   void forward_impl(const ConstRef<Scalar>& x, MatrixType& y, const MatrixType* borrow) {

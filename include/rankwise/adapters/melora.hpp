@@ -15,6 +15,7 @@
 /// Export: exactly a plain LoRA of rank n r_mini with block-structured factors. Docs: docs/adapters/melora.md
 
 #include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
@@ -25,6 +26,7 @@
 #include <rankwise/layers/linear.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -92,12 +94,7 @@ class MELoRA {
   bool is_training() const { return m_training; }
 
   /// "<path>.melora_A.weight", "<path>.melora_B.weight", "<path>.base_layer.weight".
-  void set_path(const std::string& path) {
-    const std::string prefix = path.empty() ? std::string() : path + ".";
-    m_base.set_path(prefix + "base_layer");
-    m_A.name = prefix + "melora_A.weight";
-    m_B.name = prefix + "melora_B.weight";
-  }
+  void set_path(const std::string& path) { detail::adapter_set_path(m_base, path, own()); }
 
   /// y = W x + b + blockwise s B_i A_i x_i. In training mode caches what backward() needs.
   void forward(const ConstRef<Scalar>& x, MatrixType& y) {
@@ -145,18 +142,9 @@ class MELoRA {
   }
 
   /// The frozen base parameters, then melora_A and melora_B.
-  std::vector<Parameter<Scalar>*> parameters() {
-    std::vector<Parameter<Scalar>*> params = m_base.parameters();
-    params.push_back(&m_A);
-    params.push_back(&m_B);
-    return params;
-  }
+  std::vector<Parameter<Scalar>*> parameters() { return detail::adapter_parameters(m_base, own()); }
 
-  void zero_grad() {
-    m_base.zero_grad();
-    m_A.zero_grad();
-    m_B.zero_grad();
-  }
+  void zero_grad() { detail::adapter_zero_grad(m_base, own()); }
 
   /// r_mini (in + out), whatever n.
   Index trainable_parameter_count() const { return m_A.value.size() + m_B.value.size(); }
@@ -195,6 +183,11 @@ class MELoRA {
   bool is_merged() const { return m_merge.is_merged(); }
 
  private:
+  /// Its own parameters and the suffixes they are named by (adapters/own_parameters.hpp).
+  std::array<detail::OwnParameter<Scalar>, 2> own() {
+    return {{{&m_A, "melora_A.weight"}, {&m_B, "melora_B.weight"}}};
+  }
+
   Base m_base;
   MELoRAOptions m_options;
   Parameter<Scalar> m_A;  // stacked A_i, (n r_mini) x (in / n)

@@ -12,6 +12,7 @@
 /// added to a base that has none). Not exportable as LoRA: the update is not low-rank.
 /// Docs: docs/adapters/red.md
 
+#include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/layer.hpp>
 #include <rankwise/core/parameter.hpp>
@@ -66,12 +67,7 @@ class RED {
 
   /// "<path>.delta_vector.activation_scaling", "<path>.delta_vector.activation_bias",
   /// "<path>.base_layer.weight".
-  void set_path(const std::string& path) {
-    const std::string prefix = path.empty() ? std::string() : path + ".";
-    m_base.set_path(prefix + "base_layer");
-    m_scale.name = prefix + "delta_vector.activation_scaling";
-    m_bias.name = prefix + "delta_vector.activation_bias";
-  }
+  void set_path(const std::string& path) { detail::adapter_set_path(m_base, path, own()); }
 
   /// y = l_scale (.) (W x + b0) + l_bias. In training mode keeps h for the gradient of l_scale.
   void forward(const ConstRef<Scalar>& x, MatrixType& y) {
@@ -114,18 +110,9 @@ class RED {
 
   /// The frozen base parameters, then the trained vectors (a vector fixed by an ablation is listed
   /// too, flagged non-trainable, so that its value is part of the state).
-  std::vector<Parameter<Scalar>*> parameters() {
-    std::vector<Parameter<Scalar>*> params = m_base.parameters();
-    params.push_back(&m_scale);
-    params.push_back(&m_bias);
-    return params;
-  }
+  std::vector<Parameter<Scalar>*> parameters() { return detail::adapter_parameters(m_base, own()); }
 
-  void zero_grad() {
-    m_base.zero_grad();
-    m_scale.zero_grad();
-    m_bias.zero_grad();
-  }
+  void zero_grad() { detail::adapter_zero_grad(m_base, own()); }
 
   /// 2 out (out for an ablation).
   Index trainable_parameter_count() const {
@@ -177,6 +164,11 @@ class RED {
   bool is_merged() const { return m_merged; }
 
  private:
+  /// Its own parameters and the suffixes they are named by (adapters/own_parameters.hpp).
+  std::array<detail::OwnParameter<Scalar>, 2> own() {
+    return {{{&m_scale, "delta_vector.activation_scaling"}, {&m_bias, "delta_vector.activation_bias"}}};
+  }
+
   void init(MatrixType scaling, MatrixType bias) {
     if (!m_options.scaling && !m_options.bias)
       detail::fail("rankwise::RED", "at least one of scaling and bias must be trained (got both false)");

@@ -14,6 +14,7 @@
 /// be drawn from a seed or built from stored matrices. Docs: docs/adapters/vera.md
 
 #include <rankwise/adapters/lora_export.hpp>
+#include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
@@ -141,11 +142,7 @@ class VeRA {
 
   /// Names its parameters after the module path: "<path>.vera_lambda_d", "<path>.base_layer.weight".
   /// The bank keeps its own names: it belongs to the model, not to one layer.
-  void set_path(const std::string& path) {
-    m_base.set_path(path.empty() ? std::string("base_layer") : path + ".base_layer");
-    m_d.name = path.empty() ? std::string("vera_lambda_d") : path + ".vera_lambda_d";
-    m_b.name = path.empty() ? std::string("vera_lambda_b") : path + ".vera_lambda_b";
-  }
+  void set_path(const std::string& path) { detail::adapter_set_path(m_base, path, own()); }
 
   /// y = W x + b + lambda_b (.) B_s (lambda_d (.) A_s x). Keeps P = A_s x and V = B_s Q for backward();
   /// the input itself is not needed.
@@ -183,21 +180,12 @@ class VeRA {
 
   /// The frozen base parameters, then vera_lambda_d and vera_lambda_b. The shared bank is not listed
   /// here (it is not this layer's): see projections() and shared_parameters().
-  std::vector<Parameter<Scalar>*> parameters() {
-    std::vector<Parameter<Scalar>*> params = m_base.parameters();
-    params.push_back(&m_d);
-    params.push_back(&m_b);
-    return params;
-  }
+  std::vector<Parameter<Scalar>*> parameters() { return detail::adapter_parameters(m_base, own()); }
 
   /// The frozen tensors this layer shares with others (the bank): memory reports count them once.
   std::vector<const Parameter<Scalar>*> shared_parameters() const { return m_projections->parameters(); }
 
-  void zero_grad() {
-    m_base.zero_grad();
-    m_d.zero_grad();
-    m_b.zero_grad();
-  }
+  void zero_grad() { detail::adapter_zero_grad(m_base, own()); }
 
   /// out + r.
   Index trainable_parameter_count() const { return m_d.value.size() + m_b.value.size(); }
@@ -226,6 +214,11 @@ class VeRA {
   bool is_merged() const { return m_merge.is_merged(); }
 
  private:
+  /// Its own parameters and the suffixes they are named by (adapters/own_parameters.hpp).
+  std::array<detail::OwnParameter<Scalar>, 2> own() {
+    return {{{&m_d, "vera_lambda_d"}, {&m_b, "vera_lambda_b"}}};
+  }
+
   Base m_base;
   std::shared_ptr<const Projections> m_projections;
   VeRAOptions m_options;
