@@ -284,17 +284,22 @@ inline std::vector<std::string_view> finetune_adapter_names() {
   return names;
 }
 
+/// "lora, dylora, ..., alora": the methods, for messages.
+inline std::string finetune_method_list() {
+  std::string out;
+  for (std::string_view n : finetune_adapter_names()) out += (out.empty() ? "" : ", ") + std::string(n);
+  return out;
+}
+
 /// The peak learning rate examples/finetune uses for each method, the kind's recommended_lr: 2e-3 for
 /// the LoRA family (LoRA, ALoRA, DyLoRA, MELoRA), 1e-2 for the methods that train few parameters per
 /// module or a narrow window of ranks per step (VeRA, RED, ERAT), chosen on the toy tasks
 /// (docs/models/finetune.md). InvalidArgument for an unknown method.
 inline double recommended_lr(std::string_view adapter) {
   double lr = 0.0;
-  if (!visit_adapter_kind(adapter == "alora" ? "lora" : adapter, [&](auto kind) { lr = decltype(kind)::recommended_lr; })) {
-    std::string methods;
-    for (std::string_view n : finetune_adapter_names()) methods += (methods.empty() ? "" : ", ") + std::string(n);
-    detail::fail("rankwise::recommended_lr", "adapter must be one of ", methods, " (got \"", adapter, "\")");
-  }
+  if (!visit_adapter_kind(adapter == "alora" ? "lora" : adapter, [&](auto kind) { lr = decltype(kind)::recommended_lr; }))
+    detail::fail("rankwise::recommended_lr", "adapter must be one of ", finetune_method_list(), " (got \"", adapter,
+                 "\")");
   return lr;
 }
 
@@ -601,12 +606,6 @@ class Finetuner {
     return model;
   }
 
-  static std::string method_list() {
-    std::string out;
-    for (std::string_view n : finetune_adapter_names()) out += (out.empty() ? "" : ", ") + std::string(n);
-    return out;
-  }
-
   static bool is_method(std::string_view name) {
     const std::vector<std::string_view> names = finetune_adapter_names();
     return std::find(names.begin(), names.end(), name) != names.end();
@@ -617,7 +616,7 @@ class Finetuner {
   static const FinetuneRecipe& checked(ToyTransformer<Scalar>& model, const FinetuneRecipe& r,
                                        const TokenBatch& validation) {
     if (!is_method(r.adapter))
-      detail::fail(where, "adapter must be one of ", method_list(), " (got \"", r.adapter, "\")");
+      detail::fail(where, "adapter must be one of ", finetune_method_list(), " (got \"", r.adapter, "\")");
     if (r.rank < 1) detail::fail(where, "rank must be >= 1 (got ", r.rank, ")");
     if (!(r.alpha > 0.0) || !std::isfinite(r.alpha)) detail::fail(where, "alpha must be a finite number > 0 (got ", r.alpha, ")");
     if (r.steps < 1) detail::fail(where, "steps must be >= 1 (got ", r.steps, ")");
