@@ -137,26 +137,23 @@ int main(int argc, char** argv) {
   rankwise::InjectionOptions lora{.adapter = {"lora", rankwise::LoRAOptions{.rank = 3 * rank, .alpha = 3.0 * 2 * rank}},
                                   .all_linear = true};
   rankwise::AdapterSet<float> adapters = rankwise::inject(model, lora, rng);
-  rankwise::AdamW<float> optimizer(adapters.parameters(), {.lr = 5e-3, .weight_decay = 0.0});
+  rankwise::Trainer<float> trainer(adapters.parameters(), {.steps = steps, .lr = 5e-3});  // AdamW, warm-up, decay
   rankwise::FisherImportance<float> drop_costs;  // predicted from the training gradients: no extra passes
-  rankwise::RankAllocatorOptions schedule = rankwise::pruning_schedule(steps);
-  schedule.budget = rank * adapters.size();
-  rankwise::RankAllocator<float> allocator(adapters.rank_modules(), drop_costs, schedule, rng);
-  allocator.add_optimizer(optimizer);
+  trainer.allocate_ranks(adapters.rank_modules(), drop_costs, rankwise::pruning_schedule(steps, rank * adapters.size()), rng);
   // [snippet: adapt]
   std::printf("%s\n", adapters.summary(model).to_string().c_str());
 
   for (long step = 0; step < steps; ++step) {
     const Data d = make_data(teacher_b, batch, rng);
     // [snippet: step]
-    adapters.zero_grad();
-    cross_entropy(model.forward(d.x), d.labels, &dlogits);
-    model.backward(dlogits);
-    optimizer.step();
-    allocator.step();  // after the optimizer: scores and prunes on its schedule
+    trainer.step([&] {  // your forward, loss and backward; the trainer zeroes, clips, updates, prunes
+      const double loss = cross_entropy(model.forward(d.x), d.labels, &dlogits);
+      model.backward(dlogits);
+      return loss;
+    });
     // [snippet: step]
   }
-  if (allocator.finish() != rankwise::Status::Ok) std::printf("warning: %s\n", allocator.message().c_str());
+  if (trainer.finish() != rankwise::Status::Ok) std::printf("warning: %s\n", trainer.message().c_str());
   const double adapted = accuracy(model, test_b);
 
   // [snippet: save]
@@ -166,7 +163,7 @@ int main(int argc, char** argv) {
   const double merged = accuracy(model, test_b);
 
   std::printf("accuracy on task B: %.3f before, %.3f adapted, %.3f merged\n", before, adapted, merged);
-  std::printf("%s", allocator.format_table().c_str());
+  std::printf("%s", trainer.allocator()->format_table().c_str());
   std::printf("PEFT adapter in %s\n", (out / "adapter").string().c_str());
   const bool ok = adapted > before + 0.05 && std::abs(merged - adapted) < 1e-3;
   std::printf("own_model: %s\n", ok ? "OK" : "FAILED: the adapter did not improve task B or the merge changed it");

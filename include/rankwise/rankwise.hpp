@@ -23,6 +23,8 @@
 #include <rankwise/layers/linear.hpp>
 
 #include <rankwise/models/adapter_set.hpp>
+#include <rankwise/models/trainer.hpp>
+#include <rankwise/models/trainer_state.hpp>
 
 #include <rankwise/adapters/any_linear.hpp>
 #include <rankwise/adapters/dylora.hpp>

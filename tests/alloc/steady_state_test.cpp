@@ -11,6 +11,7 @@
 #include <rankwise/layers/cross_entropy.hpp>
 #include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/toy_transformer.hpp>
+#include <rankwise/models/trainer.hpp>
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
@@ -175,4 +176,35 @@ TEST_CASE("ToyTransformer + LoRA: a training step after the first does not alloc
     INFO("setup " << setup << ": " << count.calls << " allocations, " << count.bytes << " bytes");
     CHECK(count.calls == 0);
   }
+}
+
+TEST_CASE("Trainer + LoRA: a step of the generic loop after the first does not allocate", "[alloc][models][trainer]") {
+  Random rng(5);
+  rankwise::ToyTransformer<float> model({.vocab = 32, .d_model = 16, .heads = 2, .layers = 2, .d_ff = 32, .max_seq_len = 8},
+                                        rng);
+  rankwise::InjectionOptions injection;
+  injection.all_linear = true;
+  injection.adapter.options = rankwise::LoRAOptions{.rank = 4, .alpha = 8.0};
+  const rankwise::AdapterSet<float> adapters = rankwise::inject(model, injection, rng);
+  rankwise::Trainer<float> trainer(adapters.parameters(), {.steps = 10});
+  rankwise::CrossEntropy<float> ce;
+  std::vector<std::int32_t> tokens(32), targets(32);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = std::int32_t(rng.uniform_int(0, 31));
+    targets[i] = std::int32_t(rng.uniform_int(0, 31));
+  }
+  Matrix<float> logits, dlogits;
+  const auto forward_backward = [&] {
+    model.forward(tokens, 8, logits);
+    const double loss = ce.forward(logits, targets);
+    ce.backward(dlogits);
+    model.backward(dlogits);
+    return loss;
+  };
+  trainer.step(forward_backward);
+  rankwise::test_support::start_counting_allocations();
+  for (int i = 0; i < 3; ++i) trainer.step(forward_backward);
+  const auto count = rankwise::test_support::stop_counting_allocations();
+  INFO(count.calls << " allocations, " << count.bytes << " bytes");
+  CHECK(count.calls == 0);
 }

@@ -232,4 +232,13 @@ static_assert(Layer<DyLoRA<float>>, "DyLoRA must model the Layer contract");
 static_assert(Adapter<DyLoRA<float>>, "DyLoRA must model the Adapter contract");
 static_assert(Mergeable<DyLoRA<float>>, "DyLoRA must be mergeable");
 
+/// A DyLoRA adapter the rank samplers' hooks (rank/hooks.hpp) drive, with its module path and (for
+/// ERAT) its depth; AdapterSet::dylora_modules() makes them. It never owns the adapter.
+template <FloatScalar Scalar>
+struct DyLoRAModule {
+  std::string path;
+  DyLoRA<Scalar>* adapter = nullptr;
+  Index depth = 0;  ///< ERAT: the module's layer, 0 .. num_layers - 1 (DyLoRAHook ignores it)
+};
+
 }  // namespace rankwise

@@ -20,6 +20,7 @@
 /// members of a heap object or of a model that is not moved). Docs: docs/models/adapter-set.md
 
 #include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/factory.hpp>
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/core/error.hpp>
@@ -208,6 +209,20 @@ class AdapterSet {
         detail::fail("rankwise::AdapterSet", "module '", m.path, "' holds a \"", m.slot->kind(),
                      "\" adapter, whose rank cannot change; rank allocation needs \"lora\"");
       out.emplace_back(*lora, m.path);
+    }
+    return out;
+  }
+
+  /// A DyLoRAModule per module for DyLoRAHook or ERATHook, each at the depth `depth_of` gives its
+  /// path (0 without it; ERAT needs depths); InvalidArgument when a module is not DyLoRA or ERAT.
+  std::vector<DyLoRAModule<Scalar>> dylora_modules(const std::function<Index(const std::string&)>& depth_of = {}) const {
+    std::vector<DyLoRAModule<Scalar>> out;
+    for (const InjectedModule<Scalar>& m : m_modules) {
+      DyLoRA<Scalar>* dylora = m.slot->template get_if<DyLoRA<Scalar>>();
+      if (dylora == nullptr)
+        detail::fail("rankwise::AdapterSet", "module '", m.path, "' holds a \"", m.slot->kind(),
+                     "\" adapter; DyLoRA's and ERAT's rank samplers need \"dylora\" or \"erat\"");
+      out.push_back({m.path, dylora, depth_of ? depth_of(m.path) : Index(0)});
     }
     return out;
   }

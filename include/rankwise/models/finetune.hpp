@@ -2,13 +2,14 @@
 /// \file rankwise/models/finetune.hpp
 /// Training a ToyTransformer as library code: pretrain() (every weight, a task mixture) and Finetuner
 /// (one fine-tuning run with an adapter chosen by name), so that examples and benchmarks share one loop.
+/// Both are recipes over the generic loop, Trainer (models/trainer.hpp), which any model can use.
 ///
-///   Finetuner(model, recipe, validation)   injects the recipe's adapters, builds AdamW over the
-///                 trainable parameters and owns the training hooks (rank/hooks.hpp): DyLoRA's rank
+///   Finetuner(model, recipe, validation)   injects the recipe's adapters into a Trainer over the
+///                 trainable parameters and gives it the training hooks (rank/hooks.hpp): DyLoRA's rank
 ///                 sampler, ERAT-DLoRA's windows, ALoRA's RankAllocator; add_hook() adds the caller's
-///   step(batch)   checks the batch; samplers set ranks; zero_grad; forward; loss and dL/dlogits
-///                 (a TrainingLoss: token cross-entropy unless another is given); backward; clipping;
-///                 learning-rate schedule; AdamW; the allocator's hook. Returns the loss.
+///   step(batch)   checks the batch, then Trainer::step over the toy model's forward, the loss and
+///                 dL/dlogits (a TrainingLoss: token cross-entropy unless another is given) and
+///                 backward: samplers, clipping, schedule, AdamW, the allocator. Returns the loss.
 ///   finish()      evaluation ranks (DyLoRA r_max, ERAT depth bounds) and the allocator's finish():
 ///                 a run whose allocator never acted returns Status::NotApplied (report() says why)
 ///   evaluate()    exact match and loss on held-out sequences; save_adapter()/load_adapter() files
@@ -33,6 +34,7 @@
 #include <rankwise/layers/cross_entropy.hpp>
 #include <rankwise/models/adapter_set.hpp>
 #include <rankwise/models/tasks.hpp>
+#include <rankwise/models/trainer.hpp>
 #include <rankwise/models/toy_transformer.hpp>
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/grad_clip.hpp>
@@ -240,9 +242,10 @@ PretrainResult pretrain(ToyTransformer<Scalar>& model, const PretrainRecipe& rec
   for (Parameter<Scalar>* p : model.parameters())
     if (p->trainable) params.push_back(p);
   if (params.empty()) detail::fail(where, "the model has no trainable parameter");
-  AdamW<Scalar> optimizer(params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay});
-  const long warmup = recipe.warmup_steps < 0 ? recipe.steps / 20 : recipe.warmup_steps;
-  const LRSchedule schedule = LRSchedule::cosine(warmup, recipe.steps, recipe.final_lr_factor);
+  Trainer<Scalar> trainer(params, {.steps = recipe.steps, .lr = recipe.lr, .weight_decay = recipe.weight_decay,
+                                   .schedule = ScheduleKind::Cosine,
+                                   .warmup_steps = recipe.warmup_steps < 0 ? recipe.steps / 20 : recipe.warmup_steps,
+                                   .final_lr_factor = recipe.final_lr_factor, .clip_norm = recipe.clip_norm});
   Random rng(recipe.seed * 7919 + 1);
   TokenCrossEntropy<Scalar> loss_fn;
   Matrix<Scalar> logits, dlogits;
@@ -252,23 +255,18 @@ PretrainResult pretrain(ToyTransformer<Scalar>& model, const PretrainRecipe& rec
   model.set_training(true);
   for (long step = 0; step < recipe.steps; ++step) {
     const TokenBatch data = task.sample(recipe.batch, rng);
-    model.zero_grad();
-    model.forward(data.tokens, data.seq_len, logits);
-    const double loss = loss_fn.forward_backward(logits, data, dlogits);
-    model.backward(dlogits);
-    const double norm =
-        recipe.clip_norm > 0.0 ? clip_grad_norm(params, recipe.clip_norm).norm : gradient_norm(params);
-    const double factor = schedule.factor(step);
-    if (std::isfinite(loss) && std::isfinite(norm)) {
-      optimizer.set_lr_factor(factor);
-      optimizer.step();
-    } else {
-      ++result.skipped_steps;
-    }
+    const double loss = trainer.step([&] {
+      model.zero_grad();
+      model.forward(data.tokens, data.seq_len, logits);
+      const double value = loss_fn.forward_backward(logits, data, dlogits);
+      model.backward(dlogits);
+      return value;
+    });
     if (step >= recipe.steps - tail) tail_sum += loss;
-    result.steps = step + 1;
-    if (on_step) on_step({step + 1, recipe.steps, loss, factor, Index(data.tokens.size())});
+    if (on_step) on_step({step + 1, recipe.steps, loss, trainer.last_step().lr_factor, Index(data.tokens.size())});
   }
+  result.steps = trainer.steps_done();
+  result.skipped_steps = trainer.skipped_steps();
   result.final_loss = tail_sum / double(tail);
   return result;
 }
@@ -361,16 +359,6 @@ struct FinetuneReport {
   std::string allocation_table;        ///< ALoRA: RankAllocator::format_table()
 };
 
-/// The details of the last step() (step() itself returns the loss).
-struct StepInfo {
-  long step = 0;           ///< 1-based
-  double loss = 0.0;
-  double grad_norm = 0.0;  ///< before clipping
-  double lr_factor = 0.0;
-  bool skipped = false;    ///< non-finite loss or gradient: no update, no allocator step
-  bool ranks_changed = false;
-};
-
 template <FloatScalar Scalar>
 class Finetuner {
  public:
@@ -404,53 +392,25 @@ class Finetuner {
   /// One optimisation step on `batch`; returns its loss. Throws InvalidArgument for a batch that does
   /// not fit the model (nothing changes then), StateError after the recipe's steps or after finish().
   double step(const TokenBatch& batch) {
-    if (m_finished) detail::fail<StateError>(where, "step() after finish(): the run is over");
-    if (m_step >= m_recipe.steps)
+    if (m_trainer.is_finished()) detail::fail<StateError>(where, "step() after finish(): the run is over");
+    if (m_trainer.steps_done() >= m_recipe.steps)
       detail::fail<StateError>(where, "the recipe's ", m_recipe.steps, " steps are done; call finish()");
-    // [snippet: step]
     detail::check_batch(where, m_model, batch);
-    m_hooks.before_step(m_step);  // samplers set the ranks this step trains
-    m_model.zero_grad();
-    m_model.forward(batch.tokens, batch.seq_len, m_logits);
-    const double loss = m_loss->forward_backward(m_logits, batch, m_dlogits);
-    m_model.backward(m_dlogits);
-    StepInfo info;
-    info.step = m_step + 1;
-    info.loss = loss;
-    info.grad_norm = m_recipe.clip_norm > 0.0 ? clip_grad_norm(m_params, m_recipe.clip_norm).norm
-                                              : gradient_norm(m_params);
-    info.lr_factor = m_schedule.factor(m_step);
-    if (std::isfinite(loss) && std::isfinite(info.grad_norm)) {
-      m_optimizer.set_lr_factor(info.lr_factor);
-      m_optimizer.step();
-      m_hooks.after_step(m_step);  // the allocator (a NonFinite round is abandoned and retried: its events())
-      info.ranks_changed = m_allocator_hook != nullptr && m_allocator_hook->acted_at_last_step();
-    } else {
-      info.skipped = true;
-      ++m_skipped;
-    }
     // [snippet: step]
-    ++m_step;
-    m_losses.push_back(loss);
-    m_last = info;
-    return loss;
+    return m_trainer.step([&] {  // hooks, zero_grad, this, clipping, schedule, AdamW, hooks (models/trainer.hpp)
+      m_model.zero_grad();
+      m_model.forward(batch.tokens, batch.seq_len, m_logits);
+      const double loss = m_loss->forward_backward(m_logits, batch, m_dlogits);
+      m_model.backward(m_dlogits);
+      return loss;
+    });
+    // [snippet: step]
   }
 
   /// Ends training: every adapter at its evaluation rank, the allocator's finish(). Returns
   /// NotApplied when the allocator never acted, NonFinite when steps were skipped, Ok otherwise
   /// (report().message says more). Calling it again returns the same status.
-  Status finish() {
-    if (m_finished) return m_status;
-    m_status = m_hooks.finish();  // evaluation ranks; the allocator's finish()
-    m_message = m_hooks.message();
-    if (m_status == Status::Ok && m_skipped > 0) {
-      m_status = Status::NonFinite;
-      m_message = std::to_string(m_skipped) + " of " + std::to_string(m_step) +
-                  " steps were skipped because their loss or gradient was not finite";
-    }
-    m_finished = true;
-    return m_status;
-  }
+  Status finish() { return m_trainer.finish(); }
 
   /// Exact match and loss of the model on held-out sequences of `task`, at the evaluation ranks.
   Evaluation evaluate(const TaskGenerator& task, Index sequences, Index batch = 32, std::uint64_t seed = 0xE7A1) {
@@ -459,34 +419,37 @@ class Finetuner {
   }
 
   // --- state and reports ----------------------------------------------------------------------------
-  long steps_done() const { return m_step; }
-  bool is_finished() const { return m_finished; }
-  const std::vector<double>& losses() const { return m_losses; }
-  const StepInfo& last_step() const { return m_last; }
+  long steps_done() const { return m_trainer.steps_done(); }
+  bool is_finished() const { return m_trainer.is_finished(); }
+  const std::vector<double>& losses() const { return m_trainer.losses(); }
+  const StepInfo& last_step() const { return m_trainer.last_step(); }
   const FinetuneRecipe& recipe() const { return m_recipe; }
   const AdapterSet<Scalar>& adapters() const { return m_adapters; }
-  const LRSchedule& schedule() const { return m_schedule; }
-  AdamW<Scalar>& optimizer() { return m_optimizer; }
+  const LRSchedule& schedule() const { return m_trainer.schedule(); }
+  AdamW<Scalar>& optimizer() { return m_trainer.optimizer(); }
+  /// The generic loop this run drives (models/trainer.hpp).
+  Trainer<Scalar>& trainer() { return m_trainer; }
+  const Trainer<Scalar>& trainer() const { return m_trainer; }
   ToyTransformer<Scalar>& model() { return m_model; }
   const TrainingLoss<Scalar>& loss() const { return *m_loss; }
   /// Runs `hook` in every step after the Finetuner's own hooks (samplers, allocator), and in finish().
   /// The hook must outlive the Finetuner.
-  void add_hook(TrainingHook& hook) { m_hooks.add(hook); }
+  void add_hook(TrainingHook& hook) { m_trainer.add_hook(hook); }
   /// The rank allocator of an "alora" run, else nullptr.
-  const RankAllocator<Scalar>* allocator() const { return m_allocator.get(); }
+  const RankAllocator<Scalar>* allocator() const { return m_trainer.allocator(); }
 
   FinetuneReport report() const {
     FinetuneReport r;
     r.adapter = m_recipe.adapter;
-    r.steps = m_step;
-    r.skipped_steps = m_skipped;
+    r.steps = m_trainer.steps_done();
+    r.skipped_steps = m_trainer.skipped_steps();
     r.parameters = summarize_parameters(m_model);
-    r.status = m_status;
-    r.message = m_message;
-    r.ranks = m_hooks.ranks();
-    if (m_allocator) {
-      r.allocation_table = m_allocator->format_table();
-      if (r.message.empty()) r.message = m_allocator->message();
+    r.status = m_trainer.status();
+    r.message = m_trainer.message();
+    r.ranks = m_trainer.ranks();
+    if (const RankAllocator<Scalar>* allocator = m_trainer.allocator()) {
+      r.allocation_table = allocator->format_table();
+      if (r.message.empty()) r.message = allocator->message();
     }
     return r;
   }
@@ -538,7 +501,8 @@ class Finetuner {
   /// Loads rankwise's adapter directory written by save_adapter() from a run of the same recipe
   /// (same adapter kind, targets and seed) into this Finetuner's model, before any step.
   void load_adapter(const std::filesystem::path& dir) {
-    if (m_step > 0) detail::fail<StateError>(where, "load_adapter() after ", m_step, " steps: load before training");
+    if (const long done = m_trainer.steps_done(); done > 0)
+      detail::fail<StateError>(where, "load_adapter() after ", done, " steps: load before training");
     load_rankwise_adapter(dir, adapters<AnyLinear<Scalar>>());
   }
 
@@ -589,14 +553,11 @@ class Finetuner {
         m_recipe(checked(model, recipe, validation)),
         m_rng(recipe.seed),
         m_adapters(inject(model, injection_options(recipe), m_rng)),
-        m_params(trainable_parameters(model)),
-        m_optimizer(m_params, {.lr = recipe.lr, .weight_decay = recipe.weight_decay}),
-        m_schedule(schedule_of(recipe)),
         m_loss(loss ? std::move(loss) : std::make_shared<TokenCrossEntropy<Scalar>>()),
-        m_validation(split_sequences(validation, recipe.validation_batches)) {
+        m_validation(split_sequences(validation, recipe.validation_batches)),
+        m_estimator(std::move(estimator)),
+        m_trainer(trainable_parameters(model), trainer_options(recipe)) {
     m_model.set_training(true);
-    m_losses.reserve(std::size_t(recipe.steps));
-    m_estimator = std::move(estimator);
     set_up_hooks();
   }
 
@@ -619,12 +580,7 @@ class Finetuner {
       detail::fail(where, "adapter must be one of ", finetune_method_list(), " (got \"", r.adapter, "\")");
     if (r.rank < 1) detail::fail(where, "rank must be >= 1 (got ", r.rank, ")");
     if (!(r.alpha > 0.0) || !std::isfinite(r.alpha)) detail::fail(where, "alpha must be a finite number > 0 (got ", r.alpha, ")");
-    if (r.steps < 1) detail::fail(where, "steps must be >= 1 (got ", r.steps, ")");
-    if (r.warmup_steps < -1 || r.warmup_steps >= r.steps)
-      detail::fail(where, "warmup_steps must be -1 (steps / 10) or in [0, steps) = [0, ", r.steps, ") (got ",
-                   r.warmup_steps, ")");
-    if (!(r.clip_norm >= 0.0) || !std::isfinite(r.clip_norm))
-      detail::fail(where, "clip_norm must be a finite number >= 0 (got ", r.clip_norm, ")");
+    Trainer<Scalar>::check_options(trainer_options(r), where);  // steps, warm-up, clipping, schedule
     if (r.vera_rank < 0) detail::fail(where, "vera_rank must be >= 0 (got ", r.vera_rank, ")");
     if (r.melora_n < 1) detail::fail(where, "melora_n must be >= 1 (got ", r.melora_n, ")");
     if (r.allocator && r.adapter != "alora")
@@ -707,29 +663,22 @@ class Finetuner {
     return params;
   }
 
-  static LRSchedule schedule_of(const FinetuneRecipe& r) {
-    const long warmup = r.warmup_steps < 0 ? r.steps / 10 : r.warmup_steps;
-    if (r.schedule == ScheduleKind::Constant) return LRSchedule::constant();
-    return LRSchedule({r.schedule, warmup, r.steps, r.final_lr_factor});
+  static TrainerOptions trainer_options(const FinetuneRecipe& r) {
+    return {.steps = r.steps, .lr = r.lr, .weight_decay = r.weight_decay, .schedule = r.schedule,
+            .warmup_steps = r.warmup_steps, .final_lr_factor = r.final_lr_factor, .clip_norm = r.clip_norm};
   }
 
   void set_up_hooks() {
     const Index layers = m_model.config().layers;
-    std::vector<DyLoRAModule<Scalar>> dylora;
-    for (const InjectedModule<Scalar>& m : m_adapters.modules())
-      if (m.slot->kind() == "dylora" || m.slot->kind() == "erat")
-        dylora.push_back({m.path, &m.slot->template as<DyLoRA<Scalar>>(), detail::module_depth(m.path, layers)});
-    if (m_recipe.adapter == "dylora" && !dylora.empty())
-      m_hooks.add(std::make_unique<DyLoRAHook<Scalar>>(std::move(dylora), m_rng));
-    else if (m_recipe.adapter == "erat" && !dylora.empty())
-      m_hooks.add(std::make_unique<ERATHook<Scalar>>(
-          std::move(dylora), ERATSamplerOptions{.max_rank = 0, .min_rank = 1, .total_steps = m_recipe.steps,
-                                                 .num_layers = layers},
-          m_rng));
+    const auto depth = [layers](const std::string& path) { return detail::module_depth(path, layers); };
+    if (m_recipe.adapter == "dylora")
+      m_trainer.add_hook(std::make_unique<DyLoRAHook<Scalar>>(m_adapters.dylora_modules(), m_rng));
+    else if (m_recipe.adapter == "erat")
+      m_trainer.add_hook(std::make_unique<ERATHook<Scalar>>(
+          m_adapters.dylora_modules(depth),
+          ERATSamplerOptions{.max_rank = 0, .min_rank = 1, .total_steps = m_recipe.steps, .num_layers = layers}, m_rng));
     if (m_recipe.adapter == "alora") {
-      std::vector<RankModule<Scalar>> modules;
-      for (const InjectedModule<Scalar>& m : m_adapters.modules())
-        modules.emplace_back(m.slot->template as<LoRA<Scalar>>(), m.path);
+      std::vector<RankModule<Scalar>> modules = m_adapters.rank_modules();
       RankAllocatorOptions options;
       if (m_recipe.allocator) {
         options = *m_recipe.allocator;
@@ -758,14 +707,12 @@ class Finetuner {
           budget += m_recipe.rank * (options.budget_unit == BudgetUnit::Parameters ? m.cost_per_rank() : 1);
         options.budget = budget;
       }
-      m_allocator = std::make_unique<RankAllocator<Scalar>>(std::move(modules), *m_estimator, options, m_rng);
-      m_allocator->add_optimizer(m_optimizer);
-      m_allocator_hook = &m_hooks.add(std::make_unique<AllocatorHook<Scalar>>(*m_allocator));
+      m_trainer.allocate_ranks(std::move(modules), *m_estimator, options, m_rng);
     }
   }
 
   /// DyLoRA evaluates with every rank it trained (r_max), ERAT with each depth's bound.
-  void apply_evaluation_ranks() { m_hooks.set_evaluation_ranks(); }
+  void apply_evaluation_ranks() { m_trainer.set_evaluation_ranks(); }
 
   /// `batch`'s sequences in `parts` consecutive groups of (nearly) equal size; nothing for an empty batch.
   static std::vector<TokenBatch> split_sequences(const TokenBatch& batch, Index parts) {
@@ -799,26 +746,12 @@ class Finetuner {
   FinetuneRecipe m_recipe;
   Random m_rng;
   AdapterSet<Scalar> m_adapters;
-  std::vector<Parameter<Scalar>*> m_params;
-  AdamW<Scalar> m_optimizer;
-  LRSchedule m_schedule;
   std::shared_ptr<TrainingLoss<Scalar>> m_loss;
   std::vector<TokenBatch> m_validation;  // the validation batch in validation_batches parts
   Matrix<Scalar> m_validation_logits;
-  // rank hooks
-  std::shared_ptr<ImportanceEstimator<Scalar>> m_estimator;
-  std::unique_ptr<RankAllocator<Scalar>> m_allocator;
-  HookList m_hooks;  // DyLoRA's or ERAT's sampler, the allocator (borrowing the members above)
-  AllocatorHook<Scalar>* m_allocator_hook = nullptr;
-  // the step
+  std::shared_ptr<ImportanceEstimator<Scalar>> m_estimator;  // before m_trainer: its allocator borrows it
+  Trainer<Scalar> m_trainer;  // AdamW, the schedule, the hooks: DyLoRA's or ERAT's sampler, the allocator
   Matrix<Scalar> m_logits, m_dlogits;
-  long m_step = 0;
-  long m_skipped = 0;
-  std::vector<double> m_losses;
-  StepInfo m_last;
-  bool m_finished = false;
-  Status m_status = Status::Ok;
-  std::string m_message;
 };
 
 }  // namespace rankwise

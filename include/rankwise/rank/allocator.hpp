@@ -142,12 +142,14 @@ inline RankAllocatorOptions gain_over_cost_schedule(long total_steps) {
 /// by drop costs"): prune-only, from adapters started at about three times their budgeted rank, with
 /// drop costs (AblationImportance with leave_one_out, over several validation batches) as the scores.
 /// Pruning starts after T / 6 steps, runs every T / 24 steps along AdaLoRA's cubic budget curve, and
-/// reaches the budget at 2 T / 3, so that the last third of the run trains the final allocation. The
-/// caller sets `budget` (the Finetuner sets it to rank x modules). Needs total_steps >= 24.
-inline RankAllocatorOptions pruning_schedule(long total_steps) {
+/// reaches the budget at 2 T / 3, so that the last third of the run trains the final allocation.
+/// `budget` is the ranks the modules end with (the Finetuner's is rank x modules); the allocator
+/// refuses to start without one. Needs total_steps >= 24.
+inline RankAllocatorOptions pruning_schedule(long total_steps, std::optional<Index> budget = std::nullopt) {
   if (total_steps < 24)
     detail::fail("rankwise::pruning_schedule", "total_steps must be >= 24 (got ", total_steps, ")");
   RankAllocatorOptions options;
+  options.budget = budget;
   options.policy = AllocationPolicy::PruneOnly;
   options.warmup_steps = total_steps / 6;
   options.total_steps = total_steps;

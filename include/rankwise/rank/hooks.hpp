@@ -57,14 +57,6 @@ class TrainingHook {
   virtual std::map<std::string, Index> ranks() const { return {}; }
 };
 
-/// A DyLoRA adapter a sampler hook drives, with its path and (for ERAT) its depth.
-template <FloatScalar Scalar>
-struct DyLoRAModule {
-  std::string path;
-  DyLoRA<Scalar>* adapter = nullptr;
-  Index depth = 0;  ///< ERAT: the module's layer, 0 .. num_layers - 1 (DyLoRAHook ignores it)
-};
-
 namespace detail {
 
 template <FloatScalar Scalar>
