@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -36,7 +37,7 @@ struct Settings {
   std::string targets;  // empty: the adapter's default (all-linear; RED: mlp.down_proj)
   std::string task = "relabel";
   long steps = 400;
-  double lr = 0.0;  // 0: rankwise::recommended_lr(adapter)
+  double lr = 0.0;  // unset (0): rankwise::recommended_lr(adapter)
   std::uint64_t seed = 1;
   int threads = 1;  // the toy model's products are small; OpenMP teams on a busy machine spin-wait
   long pretrain_steps = 1500;
@@ -97,6 +98,62 @@ std::vector<std::string> split(const std::string& list) {
   return items;
 }
 
+// The options a run cannot start with, each refused before any work (the recipe's own checks follow in
+// run(), also before any work).
+void check_settings(const Settings& s, bool lr_given) {
+  const char* where = "finetune";
+  if (lr_given && (!(s.lr > 0.0) || !std::isfinite(s.lr)))
+    rankwise::detail::fail(where, "--lr must be a finite number > 0 (got ", s.lr, ")");
+  if (s.threads < 1 || s.threads > 1024) rankwise::detail::fail(where, "--threads must be in [1, 1024] (got ", s.threads, ")");
+  if (s.steps < 1) rankwise::detail::fail(where, "--steps must be >= 1 (got ", s.steps, ")");
+  if (s.pretrain_steps < 1) rankwise::detail::fail(where, "--pretrain-steps must be >= 1 (got ", s.pretrain_steps, ")");
+  if (s.batch < 1) rankwise::detail::fail(where, "--batch must be >= 1 (got ", s.batch, ")");
+  if (s.eval_sequences < 1) rankwise::detail::fail(where, "--eval-sequences must be >= 1 (got ", s.eval_sequences, ")");
+  if (s.d_model < 4 || s.d_model % 4 != 0)
+    rankwise::detail::fail(where, "--d-model must be a multiple of the 4 heads, >= 4 (got ", s.d_model, ")");
+  if (s.layers < 1) rankwise::detail::fail(where, "--layers must be >= 1 (got ", s.layers, ")");
+  const std::vector<std::string> tasks = {"relabel", "sort", "add", "teacher", "copy", "reverse", "grammar", "mixture"};
+  if (std::find(tasks.begin(), tasks.end(), s.task) == tasks.end())
+    rankwise::detail::fail(where, "--task must be one of relabel, sort, add, teacher (or a pre-training task: copy, "
+                                  "reverse, grammar, mixture) (got \"", s.task, "\")");
+  if (s.output.empty()) rankwise::detail::fail(where, "--output must name a directory (got an empty path)");
+}
+
+// The output directory can be created and takes files: found now, not after pre-training. What the
+// probe creates is removed again, so that a run refused later leaves nothing behind.
+void check_writable(const fs::path& dir, const char* option) {
+  std::error_code ec;
+  fs::path first_new;  // the outermost directory the probe creates
+  for (fs::path p = fs::absolute(dir, ec); !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+    first_new = p;
+    if (p == p.parent_path()) break;
+  }
+  fs::create_directories(dir, ec);
+  const fs::path probe = dir / ".rankwise-write-test";
+  std::FILE* f = ec ? nullptr : std::fopen(probe.c_str(), "wb");
+  const std::string why = ec ? ec.message() : std::string("cannot create a file in it");
+  if (f != nullptr) std::fclose(f);
+  std::error_code ignored;
+  fs::remove(probe, ignored);
+  if (!first_new.empty()) fs::remove_all(first_new, ignored);
+  if (f == nullptr)
+    rankwise::detail::fail<rankwise::IoError>("finetune", option, " '", dir.string(), "' is not a writable directory (",
+                                              why, ")");
+}
+
+// --base must hold a base checkpoint, or be a directory the program may write one into: new or empty.
+// A directory of other files (an adapter directory, say) is refused rather than written into.
+void check_base_dir(const fs::path& dir) {
+  std::error_code ec;
+  if (rankwise::has_checkpoint(dir) || !fs::exists(dir, ec)) return;
+  if (!fs::is_directory(dir, ec))
+    rankwise::detail::fail("finetune", "--base '", dir.string(), "' is a file, not a directory");
+  if (!fs::is_empty(dir, ec))
+    rankwise::detail::fail("finetune", "--base '", dir.string(),
+                           "' holds files but no base checkpoint (checkpoint.json); give a directory with a saved "
+                           "base, or a new or empty one for the pre-trained base");
+}
+
 int run(const Settings& s) {
   Eigen::setNbThreads(s.threads);
   const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
@@ -144,6 +201,8 @@ int run(const Settings& s) {
   const fs::path output = s.output;
   const fs::path base_dir =
       s.base.empty() ? output / "base-cache" / rankwise::base_checkpoint_name(config, pretraining) : fs::path(s.base);
+  check_base_dir(base_dir);
+  check_writable(output, "--output");
   if (rankwise::has_checkpoint(base_dir))
     std::printf("base model: loading the pre-trained base from %s\n", base_dir.c_str());
   else
@@ -256,9 +315,32 @@ int run(const Settings& s) {
     last += losses[losses.size() - 1 - i];
   }
   const bool better = distill ? after_score < before_score : after.accuracy >= before.accuracy;
-  const bool ok = status == rankwise::Status::Ok && last < first && better;
-  std::printf("finetune: %s\n", ok ? "OK" : "FAILED");
-  return ok ? 0 : 1;
+  std::vector<std::string> reasons;
+  if (status != rankwise::Status::Ok)
+    reasons.push_back(std::string("the run ended with status ") + rankwise::to_string(status) + ": " + report.message);
+  if (!(last < first)) {
+    char why[160];
+    std::snprintf(why, sizeof why, "the loss did not fall (mean of the first %zu steps %.4f, of the last %zu %.4f)", k,
+                  first / double(std::max<std::size_t>(k, 1)), k, last / double(std::max<std::size_t>(k, 1)));
+    reasons.push_back(why);
+  }
+  if (!better) {
+    char why[160];
+    if (distill)
+      std::snprintf(why, sizeof why, "the held-out KL did not fall (%.4f -> %.4f)", before_score, after_score);
+    else
+      std::snprintf(why, sizeof why, "the %s accuracy dropped (%.3f -> %.3f)", s.task.c_str(), before.accuracy,
+                    after.accuracy);
+    reasons.push_back(why);
+  }
+  if (reasons.empty()) {
+    std::printf("finetune: OK\n");
+    return 0;
+  }
+  std::printf("finetune: FAILED:");
+  for (std::size_t i = 0; i < reasons.size(); ++i) std::printf("%s %s", i ? ";" : "", reasons[i].c_str());
+  std::printf("\n");
+  return 1;
 }
 }  // namespace
 
@@ -311,18 +393,26 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s (see --help)\n", e.what());
     return 2;
   }
-  if (s.small) {
-    if (app.count("--d-model") == 0) s.d_model = 32;
-    if (app.count("--layers") == 0) s.layers = 2;
-    s.pretrain_steps = std::min(s.pretrain_steps, 60L);
-    s.steps = std::min(s.steps, 40L);
-    s.batch = std::min<Index>(s.batch, 16);
-    s.eval_sequences = std::min<Index>(s.eval_sequences, 64);
-    s.rank = std::min<Index>(s.rank, 4);
-    s.validation = std::min<Index>(s.validation, 32);
-    s.validation_batches = std::min<Index>(s.validation_batches, 2);
+  if (s.small) {  // smaller defaults; an option given on the command line keeps its value
+    std::string set;
+    const auto small = [&](const char* option, auto& value, auto small_value) {
+      if (app.count(option) > 0) return;
+      value = small_value;
+      set += std::string(set.empty() ? "" : ", ") + option + " " + std::to_string(small_value);
+    };
+    small("--d-model", s.d_model, Index(32));
+    small("--layers", s.layers, Index(2));
+    small("--pretrain-steps", s.pretrain_steps, 60L);
+    small("--steps", s.steps, 40L);
+    small("--batch", s.batch, Index(16));
+    small("--eval-sequences", s.eval_sequences, Index(64));
+    small("--rank", s.rank, Index(4));
+    small("--validation", s.validation, Index(32));
+    small("--validation-batches", s.validation_batches, Index(2));
+    if (!s.quiet) std::printf("--small: %s\n", set.c_str());
   }
   try {
+    check_settings(s, app.count("--lr") > 0);
     return run(s);
   } catch (const std::exception& e) {  // rankwise::Error and the rest: one line, nothing half done
     std::fflush(stdout);

@@ -9,6 +9,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 using rankwise::Index;
@@ -487,12 +489,31 @@ TEST_CASE("LoRA: assign_factors and set_scaling reject bad input", "[adapters][l
   Random rng(22);
   LoRA<float> lora(Linear<float>(4, 3, rng), {.rank = 2}, rng);
   CHECK_THROWS_WITH(lora.assign_factors(Matrix<float>(2, 5), Matrix<float>(3, 2)),
-                    Catch::Contains("[rankwise::LoRA] assign_factors: need A r x 4 and B 3 x r (got A 2 x 5, B 3 x 2)"));
+                    Catch::Contains("[rankwise::LoRA::assign_factors] need A r x 4 and B 3 x r (got A 2 x 5, B 3 x 2)"));
   CHECK_THROWS_WITH(lora.assign_factors(Matrix<float>(2, 4), Matrix<float>(3, 1)), Catch::Contains("got A 2 x 4, B 3 x 1"));
   CHECK(lora.rank() == 2);
   CHECK_THROWS_WITH(lora.set_scaling(0.0, 2, false), Catch::Contains("alpha must be a finite number > 0 (got 0)"));
-  CHECK_THROWS_WITH(lora.set_scaling(1.0, 0, false), Catch::Contains("scale rank must be >= 1 (got 0)"));
-  CHECK_THROWS_WITH(lora.set_scale(-1.0), Catch::Contains("scale must be a finite number > 0 (got -1)"));
+  CHECK_THROWS_WITH(lora.set_scaling(1.0, 0, false), Catch::Contains("scale rank must be in [1, min(in, out)] = [1, 3] (got 0)"));
+  CHECK_THROWS_WITH(lora.set_scale(-1.0), Catch::Contains("scale must be a finite number > 0"));
+  // The constructor's rules hold for every way in (regressions: each was accepted before).
+  CHECK_THROWS_WITH(lora.assign_factors(Matrix<float>(4, 4), Matrix<float>(3, 4)),
+                    Catch::Contains("the rank must be at most min(in, out) = 3 (got 4)"));
+  Matrix<float> A = Matrix<float>::Ones(2, 4), B = Matrix<float>::Ones(3, 2);
+  A(1, 2) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(lora.assign_factors(A, B), Catch::Contains("A and B must be finite (A holds a NaN or an infinity"));
+  B(0, 0) = std::numeric_limits<float>::infinity();
+  A(1, 2) = 1.0f;
+  CHECK_THROWS_WITH(lora.assign_factors(A, B), Catch::Contains("(B holds a NaN or an infinity"));
+  CHECK(lora.A().allFinite());  // unchanged
+  lora.assign_factors(A, B, /*allow_non_finite=*/true);
+  CHECK(std::isinf(lora.B()(0, 0)));
+  CHECK_THROWS_WITH(lora.set_scaling(1.0, std::int64_t(1) << 62, false),
+                    Catch::Contains("scale rank must be in [1, min(in, out)] = [1, 3] (got 4611686018427387904)"));
+  CHECK_THROWS_WITH(lora.set_scaling(1e300, 2, false),
+                    Catch::Contains("the scale alpha / r = 5e+299 is not a finite number > 0 in the adapter's precision"));
+  CHECK_THROWS_WITH(lora.set_scale(1e300), Catch::Contains("scale must be a finite number > 0 in the adapter's precision"));
+  CHECK_THROWS_AS(LoRA<float>(Linear<float>(4, 3, rng), {.rank = 2, .alpha = 1e40}, rng), rankwise::InvalidArgument);
+  CHECK(lora.scale() == 8.0 / 2.0);  // the default alpha 8 over rank 2, unchanged by the refusals
   lora.merge();
   CHECK_THROWS_AS(lora.assign_factors(Matrix<float>(1, 4), Matrix<float>(3, 1)), rankwise::StateError);
   CHECK_THROWS_AS(lora.set_scaling(1.0, 1, false), rankwise::StateError);

@@ -10,7 +10,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -563,4 +565,68 @@ TEST_CASE("Checkpoint: a Fisher estimator's state is refused when it cannot be i
   moments.begin()->second.steps.resize(1);
   CHECK_THROWS_WITH(back.restore(4, moments), Contains("observation counts"));
   CHECK(back.observations() == 4);
+}
+
+namespace checkpoint_rules {
+
+// A LoRA state as a damaged or hand-made file could hold it: every key of LoRA's component, with the
+// values chosen by the test.
+struct LoRAStateFile {
+  Index in = 8, out = 8, rank = 2;
+  double alpha = 4.0, scale = 2.0;
+  std::int64_t scale_rank = 2;
+  float a_value = 0.5f;
+};
+void save_state(rankwise::StateWriter& w, const LoRAStateFile& f) {
+  w.matrix("lora_A", Matrix<float>(Matrix<float>::Constant(f.rank, f.in, f.a_value)));
+  w.matrix("lora_B", Matrix<float>(Matrix<float>::Zero(f.out, f.rank)));
+  w.vector("gates", Matrix<float>(Matrix<float>::Ones(f.rank, 1)));
+  nlohmann::json& j = w.json();
+  j["kind"] = "lora";
+  j["in_features"] = f.in;
+  j["out_features"] = f.out;
+  j["rank"] = f.rank;
+  j["alpha"] = f.alpha;
+  j["scale_rank"] = f.scale_rank;
+  j["use_rslora"] = false;
+  j["scale"] = f.scale;
+  j["dropout"] = 0.0;
+  j["init"] = "kaiming_uniform";
+  j["enabled"] = true;
+  rankwise::StateWriter g = w.child("dropout_generator");
+  save_state(g, Random(1));
+}
+void load_state(const rankwise::StateReader& in, LoRAStateFile&) { in.fail("not read in this test"); }
+
+}  // namespace checkpoint_rules
+
+TEST_CASE("load_state: a LoRA state follows the constructor's rules, anything else is refused with nothing changed",
+          "[io][checkpoint][errors]") {
+  // Regressions: each of these states loaded before.
+  using checkpoint_rules::LoRAStateFile;
+  TempDir dir("lora_rules");
+  Random rng(3);
+  LoRA<float> lora(Linear<float>(8, 8, rng), {.rank = 2, .alpha = 4.0}, rng);
+  const Matrix<float> A = lora.A();
+  const auto refused = [&](const LoRAStateFile& file, const std::string& message) {
+    CheckpointWriter w;
+    w.add("lora", file);
+    w.write(dir.path);
+    CheckpointReader reader(dir.path);
+    CHECK_THROWS_AS(reader.restore("lora", lora), FormatError);
+    CHECK_THROWS_WITH(reader.restore("lora", lora), Contains(message));
+    CHECK(lora.A() == A);
+    CHECK(lora.scale() == 2.0);
+  };
+  refused({.rank = 64}, "the rank must be at most min(in, out) = 8 (got 64)");
+  refused({.a_value = std::numeric_limits<float>::infinity()}, "A and B must be finite");
+  refused({.scale_rank = std::int64_t(1) << 62}, "scale rank must be in [1, min(in, out)] = [1, 8] (got 4611686018427387904)");
+  refused({.alpha = 1e300, .scale = 5e299}, "is not a finite number > 0 in the adapter's precision");
+  refused({.scale = 1e300}, "'scale' must be a finite number > 0 in the adapter's precision");
+  // The same writer with valid values is accepted (the test's file is right but for the value changed).
+  CheckpointWriter w;
+  w.add("lora", LoRAStateFile{.a_value = 0.25f});
+  w.write(dir.path);
+  CheckpointReader(dir.path).restore("lora", lora);
+  CHECK(lora.A()(0, 0) == 0.25f);
 }

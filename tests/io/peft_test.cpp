@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -379,6 +380,117 @@ TEST_CASE("load_peft_adapter: rejects directories it cannot load faithfully", "[
   CHECK_THROWS_AS(rankwise::load_peft_adapter(adapter, model.modules), rankwise::IoError);
   write_text(adapter / "adapter_model.bin", "pickle");
   CHECK_THROWS_WITH(rankwise::load_peft_adapter(adapter, model.modules), Contains("adapter_model.bin (a pickle)"));
+}
+
+TEST_CASE("load_peft_adapter: target_modules and exclude_modules decide, also for modules in the file",
+          "[io][peft]") {
+  // Regressions: modules present in the file were loaded whatever the config targeted, and an invalid
+  // pattern went unnoticed when every module was in the file.
+  Random rng(9);
+  const auto model_of_four = [&] {
+    Model model;
+    for (const char* path : {"layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.attn.q_proj", "layers.1.attn.v_proj"})
+      model.add(path, 4, 3, {.rank = 2}, rng);
+    return model;
+  };
+  TempDir dir("peft_targets");
+  const fs::path adapter = copy_golden(dir);
+  const std::string config = read_text(adapter / "adapter_config.json");
+  const auto with = [&](const std::string& from, const std::string& to) {
+    std::string c = config;
+    REQUIRE(c.find(from) != std::string::npos);
+    c.replace(c.find(from), from.size(), to);
+    write_text(adapter / "adapter_config.json", c);
+  };
+  const std::string targets = "\"target_modules\": [\n    \"q_proj\",\n    \"v_proj\"\n  ]";
+
+  with(targets, "\"target_modules\": [\"q_proj\"]");  // the file still holds v_proj's weights
+  Model only_q = model_of_four();
+  rankwise::load_peft_adapter(adapter, only_q.modules);
+  CHECK(only_q.at(0).rank() == 2);
+  CHECK(only_q.at(1).rank() == 0);
+  CHECK(only_q.at(2).rank() == 2);
+  CHECK(only_q.at(3).rank() == 0);
+
+  with("\"exclude_modules\": null", "\"exclude_modules\": [\"layers.1.attn.q_proj\"]");
+  Model excluded = model_of_four();
+  rankwise::load_peft_adapter(adapter, excluded.modules);
+  CHECK(excluded.at(0).rank() == 2);
+  CHECK(excluded.at(2).rank() == 0);
+  CHECK(excluded.at(3).rank() == 1);  // rank_pattern gives layers.1.attn.v_proj rank 1
+
+  with(targets, "\"target_modules\": \"(q|v\"");  // every module is in the file; the pattern is still read
+  Model invalid = model_of_four();
+  const Matrix<float> untouched = invalid.at(0).A();
+  CHECK_THROWS_AS(rankwise::load_peft_adapter(adapter, invalid.modules), FormatError);
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(adapter, invalid.modules), Contains("is not a valid regular expression"));
+  CHECK(invalid.at(0).A() == untouched);
+}
+
+TEST_CASE("load_peft_adapter: factors and scales follow LoRA's constructor rules, nothing changed otherwise",
+          "[io][peft][errors]") {
+  // Regressions: each of these directories loaded before, into adapters no constructor can make.
+  Random rng(8);
+  Model source;
+  source.add("small", 2, 2, {.rank = 2, .alpha = 4.0}, rng);
+  source.add("wide", 6, 5, {.rank = 2, .alpha = 4.0}, rng);
+  TempDir dir("peft_rules");
+  const fs::path adapter = dir.path / "adapter";
+  rankwise::save_peft_adapter(adapter, source.modules);
+  const std::string config = read_text(adapter / "adapter_config.json");
+  rankwise::SafetensorsReader saved(adapter / "adapter_model.safetensors");
+  const auto rewrite = [&](const std::string& name, const Matrix<float>& value) {
+    rankwise::SafetensorsWriter writer;
+    for (const auto& t : saved.tensors())
+      if (t.name != name) writer.add(t.name, saved.matrix<float>(t.name));
+    writer.add(name, value);
+    writer.write(adapter / "adapter_model.safetensors");
+  };
+  Model target = fresh_copy(source, rng);
+  const Matrix<float> before = target.at(1).A();
+
+  Matrix<float> nan_A = saved.matrix<float>("base_model.model.wide.lora_A.weight");
+  nan_A(1, 3) = std::numeric_limits<float>::quiet_NaN();
+  rewrite("base_model.model.wide.lora_A.weight", nan_A);
+  CHECK_THROWS_AS(rankwise::load_peft_adapter(adapter, target.modules), FormatError);
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(adapter, target.modules),
+                    Contains("module 'wide': [lora] A and B must be finite (A holds a NaN or an infinity"));
+  CHECK(target.at(1).A() == before);
+  CHECK(target.at(0).rank() == 2);
+  rankwise::load_peft_adapter(adapter, target.modules, {.allow_non_finite = true});  // asked for: accepted
+  CHECK(std::isnan(target.at(1).A()(1, 3)));
+
+  rewrite("base_model.model.wide.lora_A.weight", saved.matrix<float>("base_model.model.wide.lora_A.weight"));
+  // The config with one top-level key's value replaced.
+  const auto set_key = [&](const std::string& key, const std::string& value) {
+    std::string c = config;
+    const std::size_t at = c.find("\"" + key + "\": ");
+    REQUIRE(at != std::string::npos);
+    const std::size_t from = at + key.size() + 4, to = c.find_first_of(",\n", from);
+    c.replace(from, to - from, value);
+    write_text(adapter / "adapter_config.json", c);
+  };
+  set_key("lora_alpha", "1e300");
+  Model third = fresh_copy(source, rng);
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(adapter, third.modules),
+                    Contains("is not a finite number > 0 in the adapter's precision"));
+  CHECK(third.at(0).rank() == 2);
+
+  // Rank 4 in a 2 x 2 layer (in and out match the model; the rank cannot).
+  write_text(adapter / "adapter_config.json", config);
+  set_key("r", "4");
+  {
+    rankwise::SafetensorsWriter writer;
+    writer.add("base_model.model.small.lora_A.weight", Matrix<float>(Matrix<float>::Ones(4, 2)));
+    writer.add("base_model.model.small.lora_B.weight", Matrix<float>(Matrix<float>::Ones(2, 4)));
+    writer.add("base_model.model.wide.lora_A.weight", Matrix<float>(Matrix<float>::Ones(4, 6)));
+    writer.add("base_model.model.wide.lora_B.weight", Matrix<float>(Matrix<float>::Ones(5, 4)));
+    writer.write(adapter / "adapter_model.safetensors");
+  }
+  Model fourth = fresh_copy(source, rng);
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(adapter, fourth.modules),
+                    Contains("(1 problem)") && Contains("module 'small': [lora] the rank must be at most min(in, out) = 2 (got 4)"));
+  CHECK(fourth.at(1).rank() == 2);
 }
 
 TEST_CASE("save_peft_adapter: rejects what PEFT cannot represent", "[io][peft][errors]") {

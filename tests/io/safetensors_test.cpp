@@ -374,12 +374,28 @@ TEST_CASE("SafetensorsReader: rejects sizes that do not match shape x dtype", "[
   REQUIRE_THROWS_WITH(open_bytes(craft(R"({"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}})", 12)),
                       Contains("tensor 'a': shape x dtype size is 16 bytes but data_offsets span 12 bytes"));
   REQUIRE_THROWS_WITH(open_bytes(craft(R"({"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8)),
-                      Contains("overflows 64 bits"));
+                      Contains("the product of the shape exceeds 9223372036854775807 elements"));
+  // 2^62 x 2 fits 64 unsigned bits but not a signed element count.
+  REQUIRE_THROWS_WITH(open_bytes(craft(R"({"a":{"dtype":"U8","shape":[4611686018427387904,2],"data_offsets":[0,0]}})")),
+                      Contains("the product of the shape exceeds 9223372036854775807 elements"));
   REQUIRE_THROWS_WITH(open_bytes(craft(R"({"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,8]}})", 8)),
                       Contains("overflows 64 bits"));
   REQUIRE_THROWS_WITH(open_bytes(craft(R"({"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", 2)),
                       Contains("3 elements of F4 do not fill a whole number of bytes"));
   CHECK(open_bytes(craft(R"({"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}})", 2)).info("a").byte_size() == 2);
+}
+
+TEST_CASE("SafetensorsReader: a zero after huge dimensions is an empty tensor, its size computed without overflow",
+          "[io][safetensors][errors]") {
+  // 2^61 x 4 = 2^63 fits 64 unsigned bits but overflowed the signed element count (undefined behaviour,
+  // caught by UBSan) before the count was computed in unsigned arithmetic.
+  for (const char* shape : {"[2305843009213693952,4,0]", "[0,2305843009213693952,4]", "[2305843009213693952,0,4]"}) {
+    INFO(shape);
+    const SafetensorsReader reader =
+        open_bytes(craft(std::string(R"({"a":{"dtype":"F32","shape":)") + shape + R"(,"data_offsets":[0,0]}})"));
+    CHECK(reader.info("a").element_count() == 0);
+    CHECK(reader.values<float>("a").empty());
+  }
 }
 
 TEST_CASE("SafetensorsReader: rejects holes, overlaps and bytes outside the tensors", "[io][safetensors][errors]") {

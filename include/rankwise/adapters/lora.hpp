@@ -72,8 +72,7 @@ class LoRA {
     const Index limit = std::min(in_features(), out_features());
     if (options.rank < 1 || options.rank > limit)
       detail::fail("rankwise::LoRA", "rank must be in [1, min(in, out)] = [1, ", limit, "] (got ", options.rank, ")");
-    if (!(options.alpha > 0.0) || !std::isfinite(options.alpha))
-      detail::fail("rankwise::LoRA", "alpha must be a finite number > 0 (got ", options.alpha, ")");
+    check_scaling("rankwise::LoRA", in_features(), out_features(), options.alpha, options.rank, options.use_rslora);
     if (!(options.dropout >= 0.0 && options.dropout < 1.0))
       detail::fail("rankwise::LoRA", "dropout must be in [0, 1) (got ", options.dropout, ")");
     if (options.init != LoRAInit::KaimingUniform && options.init != LoRAInit::Gaussian)
@@ -137,11 +136,9 @@ class LoRA {
 
   /// Replaces A (r x in) and B (out x r), as loaders do; the rank becomes r (0 allowed). Gates reset
   /// to 1 and gradients to 0; the scale is unchanged. Strong guarantee: on error nothing changes.
-  void assign_factors(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B) {
+  void assign_factors(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B, bool allow_non_finite = false) {
     if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "assign_factors(): unmerge() first");
-    if (A.cols() != in_features() || B.rows() != out_features() || A.rows() != B.cols())
-      detail::fail("rankwise::LoRA", "assign_factors: need A r x ", in_features(), " and B ", out_features(),
-                   " x r (got A ", A.rows(), " x ", A.cols(), ", B ", B.rows(), " x ", B.cols(), ")");
+    check_factors("rankwise::LoRA::assign_factors", in_features(), out_features(), A, B, allow_non_finite);
     MatrixType a = A, b = B;
     m_A.value.swap(a);
     m_B.value.swap(b);
@@ -154,9 +151,7 @@ class LoRA {
   /// Sets how the scale is computed: s = alpha / r0, or alpha / sqrt(r0) with rsLoRA (loaders use it
   /// to reproduce a file's scale exactly). Requires alpha finite and > 0, r0 >= 1.
   void set_scaling(double alpha, Index scale_rank, bool use_rslora) {
-    if (!(alpha > 0.0) || !std::isfinite(alpha))
-      detail::fail("rankwise::LoRA", "set_scaling: alpha must be a finite number > 0 (got ", alpha, ")");
-    if (scale_rank < 1) detail::fail("rankwise::LoRA", "set_scaling: scale rank must be >= 1 (got ", scale_rank, ")");
+    check_scaling("rankwise::LoRA::set_scaling", in_features(), out_features(), alpha, scale_rank, use_rslora);
     if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "set_scaling(): unmerge() first");
     m_options.alpha = alpha;
     m_options.use_rslora = use_rslora;
@@ -168,10 +163,40 @@ class LoRA {
   /// express every double). alpha() and scale_rank() keep describing how s was chosen; set_scaling()
   /// returns to the formula. Requires s finite and > 0.
   void set_scale(double scale) {
-    if (!(scale > 0.0) || !std::isfinite(scale))
-      detail::fail("rankwise::LoRA", "set_scale: scale must be a finite number > 0 (got ", scale, ")");
+    if (!(scale > 0.0) || !std::isfinite(scale) || !std::isfinite(Scalar(scale)) || !(Scalar(scale) > Scalar(0)))
+      detail::fail("rankwise::LoRA", "set_scale: scale must be a finite number > 0 in the adapter's precision (got ",
+                   scale, ")");
     if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "set_scale(): unmerge() first");
     m_exact_scale = scale;
+  }
+
+  // --- the rules every way of setting the state follows (the constructor's) ----------------------
+  /// Factors for an in -> out layer: A r x in and B out x r with r <= min(in, out), every value finite
+  /// unless `allow_non_finite`. Loaders check with it before they change anything. InvalidArgument
+  /// naming `where` otherwise.
+  static void check_factors(const char* where, Index in, Index out, const ConstRef<Scalar>& A, const ConstRef<Scalar>& B,
+                            bool allow_non_finite = false) {
+    if (A.cols() != in || B.rows() != out || A.rows() != B.cols())
+      detail::fail(where, "need A r x ", in, " and B ", out, " x r (got A ", A.rows(), " x ", A.cols(), ", B ",
+                   B.rows(), " x ", B.cols(), ")");
+    if (A.rows() > std::min(in, out))
+      detail::fail(where, "the rank must be at most min(in, out) = ", std::min(in, out), " (got ", A.rows(), ")");
+    if (!allow_non_finite && (!A.allFinite() || !B.allFinite()))
+      detail::fail(where, "A and B must be finite (", A.allFinite() ? "B" : "A",
+                   " holds a NaN or an infinity; allow_non_finite accepts it)");
+  }
+  /// Scaling for an in -> out layer: alpha finite and > 0, 1 <= scale_rank <= min(in, out), and the
+  /// scale alpha / scale_rank (alpha / sqrt(scale_rank) with rsLoRA) finite and > 0 in Scalar.
+  static void check_scaling(const char* where, Index in, Index out, double alpha, Index scale_rank, bool use_rslora) {
+    if (!(alpha > 0.0) || !std::isfinite(alpha))
+      detail::fail(where, "alpha must be a finite number > 0 (got ", alpha, ")");
+    if (scale_rank < 1 || scale_rank > std::min(in, out))
+      detail::fail(where, "the scale rank must be in [1, min(in, out)] = [1, ", std::min(in, out), "] (got ", scale_rank,
+                   ")");
+    const double s = use_rslora ? alpha / std::sqrt(double(scale_rank)) : alpha / double(scale_rank);
+    if (!std::isfinite(Scalar(s)) || !(Scalar(s) > Scalar(0)))
+      detail::fail(where, "the scale alpha / ", use_rslora ? "sqrt(r) = " : "r = ", s,
+                   " is not a finite number > 0 in the adapter's precision (alpha ", alpha, ", r ", scale_rank, ")");
   }
 
   // --- the Layer contract ----------------------------------------------------------------------

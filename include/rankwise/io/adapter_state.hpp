@@ -80,6 +80,15 @@ void load_state(const StateReader& in, LoRA<Scalar, Base>& lora) {
   load_state(in.child("dropout_generator"), dropout_rng);
   const bool enabled = in.boolean("enabled");
   const bool rslora = in.boolean("use_rslora");
+  try {  // the constructor's rules, before anything changes
+    using L = LoRA<Scalar, Base>;
+    L::check_factors("the LoRA", lora.in_features(), lora.out_features(), A, B);
+    L::check_scaling("the LoRA", lora.in_features(), lora.out_features(), alpha, Index(scale_rank), rslora);
+    if (!std::isfinite(scale) || !std::isfinite(Scalar(scale)) || !(Scalar(scale) > Scalar(0)))
+      in.fail("'scale' must be a finite number > 0 in the adapter's precision (got ", scale, ")");
+  } catch (const InvalidArgument& e) {
+    in.fail("does not hold a valid LoRA state: ", e.what());
+  }
   // Everything is read and checked: now change the adapter.
   lora.assign_factors(A, B);
   lora.set_scaling(alpha, Index(scale_rank), rslora);

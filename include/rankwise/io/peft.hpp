@@ -71,6 +71,12 @@ enum class PeftAlpha {
               ///< so that llama.cpp's single-alpha rule gives each module its scale (exact up to one rounding of B)
 };
 
+/// How load_peft_adapter() reads a LoRA directory.
+struct PeftLoadOptions {
+  /// Accept factors holding NaN or infinity (refused by default: a file from a diverged run).
+  bool allow_non_finite = false;
+};
+
 struct PeftSaveOptions {
   DType dtype = DType::F32;                   ///< F32, F16, BF16 or F64
   PeftAlpha alpha = PeftAlpha::Pattern;
@@ -478,12 +484,18 @@ PeftLoRAAdapter<Scalar> read_peft_lora(const std::filesystem::path& dir) {
   return out;
 }
 
-/// Loads a PEFT LoRA directory into the LoRA adapters of a model. Each module's A, B and scale are
-/// replaced (its rank becomes the file's); a module the config does not target becomes rank 0.
+/// Loads a PEFT LoRA directory into the LoRA adapters of a model, by PEFT's rules: a module the
+/// config targets (target_modules minus exclude_modules) takes the file's A, B and scale (its rank
+/// becomes the file's); a module it does not target becomes rank 0, even when the file holds weights
+/// for it (PEFT adds no adapter there and ignores them). The patterns are evaluated for every module,
+/// so an invalid one is always refused.
 /// Paths and shapes are checked against the model first and every mismatch is reported in one
-/// FormatError; nothing changes unless everything fits. Returns the config.
+/// FormatError; nothing changes unless everything fits. The factors and scales follow the rules of
+/// LoRA's constructor (rank <= min(in, out), a finite scale > 0, finite values unless
+/// options.allow_non_finite). Returns the config.
 template <FloatScalar Scalar, typename Base>
-PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<LoRA<Scalar, Base>>>& modules) {
+PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<LoRA<Scalar, Base>>>& modules,
+                             const PeftLoadOptions& options = {}) {
   const char* where = "rankwise::load_peft_adapter";
   detail::check_named_adapters(where, modules);
   detail::PeftLoRAIndex index = detail::index_peft_lora(dir, where);
@@ -491,19 +503,24 @@ PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector
   const std::string label = (dir / detail::peft_config_file).string();
   const std::string file = (dir / detail::peft_weights_file).string();
   std::set<std::string> model_paths;
-  for (const auto& m : modules) {
+  std::vector<bool> loads(modules.size(), false);  // targeted and in the file
+  for (std::size_t i = 0; i < modules.size(); ++i) {
+    const auto& m = modules[i];
     model_paths.insert(m.path);
     const LoRA<Scalar, Base>& lora = *m.adapter;
     if (lora.is_merged()) problems.push_back("module '" + m.path + "' is merged; unmerge() it before loading");
+    const bool targeted = peft_targets(index.config, m.path, label);  // for every module: a bad pattern fails
     auto it = index.ranks.find(m.path);
     if (it == index.ranks.end()) {
       const bool has_any = index.reader.contains(detail::peft_key(m.path, 'A')) ||
                            index.reader.contains(detail::peft_key(m.path, 'B'));
-      if (!has_any && peft_targets(index.config, m.path, label))
+      if (!has_any && targeted)
         problems.push_back("module '" + m.path + "' is targeted by the config but '" + file +
                            "' has no lora_A/lora_B for it");
       continue;
     }
+    if (!targeted) continue;  // PEFT adds no adapter here: the file's weights for it are not loaded
+    loads[i] = true;
     const TensorInfo& a = index.reader.info(detail::peft_key(m.path, 'A'));
     const TensorInfo& b = index.reader.info(detail::peft_key(m.path, 'B'));
     if (a.shape[1] != lora.in_features() || b.shape[0] != lora.out_features()) {
@@ -524,7 +541,7 @@ PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector
   std::vector<std::pair<Matrix<Scalar>, Matrix<Scalar>>> factors(modules.size());
   for (std::size_t i = 0; i < modules.size(); ++i) {
     const std::string& path = modules[i].path;
-    if (index.ranks.count(path)) {
+    if (loads[i]) {
       factors[i].first = index.reader.template matrix<Scalar>(detail::peft_key(path, 'A'));
       factors[i].second = index.reader.template matrix<Scalar>(detail::peft_key(path, 'B'));
     } else {
@@ -532,15 +549,31 @@ PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector
       factors[i].second.resize(modules[i].adapter->out_features(), 0);
     }
   }
+  for (std::size_t i = 0; i < modules.size(); ++i) {  // the constructor's rules, before anything changes
+    const LoRA<Scalar, Base>& lora = *modules[i].adapter;
+    auto it = index.ranks.find(modules[i].path);
+    if (!loads[i]) continue;
+    try {
+      LoRA<Scalar, Base>::check_factors("lora", lora.in_features(), lora.out_features(), factors[i].first,
+                                        factors[i].second, options.allow_non_finite);
+      LoRA<Scalar, Base>::check_scaling("lora", lora.in_features(), lora.out_features(),
+                                        peft_alpha_for(index.config, modules[i].path, label), it->second,
+                                        index.config.use_rslora);
+    } catch (const InvalidArgument& e) {
+      problems.push_back("module '" + modules[i].path + "': " + e.what());
+    }
+  }
+  if (!problems.empty())
+    detail::fail_with_problems(where, "'" + dir.string() + "' does not hold valid LoRA adapters", problems);
   for (std::size_t i = 0; i < modules.size(); ++i) {
     LoRA<Scalar, Base>& lora = *modules[i].adapter;
-    lora.assign_factors(factors[i].first, factors[i].second);
+    lora.assign_factors(factors[i].first, factors[i].second, options.allow_non_finite);
     auto it = index.ranks.find(modules[i].path);
-    if (it == index.ranks.end()) continue;
+    if (!loads[i]) continue;
     const double alpha = peft_alpha_for(index.config, modules[i].path, label);
     lora.set_scaling(alpha, it->second, index.config.use_rslora);
     const double scale = detail::loaded_scale(lora.scale(), exact, modules[i].path);
-    if (scale != lora.scale()) lora.set_scale(scale);
+    if (scale != lora.scale() && std::isfinite(Scalar(scale))) lora.set_scale(scale);
   }
   return index.config;
 }

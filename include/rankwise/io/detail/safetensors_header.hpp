@@ -83,10 +83,15 @@ struct TensorInfo {
   std::uint64_t end = 0;
 
   std::uint64_t byte_size() const { return end - begin; }
+  /// The product of the shape: 0 when a dimension is 0, else at most Index's maximum (the reader
+  /// refuses larger products). Computed in unsigned arithmetic, so no order of the factors overflows.
   Index element_count() const {
-    Index n = 1;
-    for (Index d : shape) n *= d;  // validated on read: cannot overflow
-    return n;
+    std::uint64_t n = 1;
+    for (Index d : shape) {
+      if (d == 0) return 0;
+      n *= std::uint64_t(d);
+    }
+    return Index(n);
   }
 };
 
@@ -269,19 +274,29 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view text, std::ui
     info.dtype = *dtype;
     if (!shape_it->is_array())
       safetensors_fail(label, at, "tensor '", name, "': shape must be an array (got ", json_kind(*shape_it), ")");
+    // The element count in unsigned arithmetic: 0 when any dimension is 0 (wherever it stands), else
+    // at most Index's maximum, so that every size computed from it later fits.
+    constexpr std::uint64_t max_elements = std::uint64_t(std::numeric_limits<Index>::max());
     std::uint64_t elements = 1;
-    bool overflow = false;
+    bool zero = false, too_many = false;
     for (const nlohmann::json& d : *shape_it) {
       const std::uint64_t dim = header_uint(d, label, at, name, "shape");
-      if (dim > std::uint64_t(std::numeric_limits<Index>::max()))
-        safetensors_fail(label, at, "tensor '", name, "': a dimension must be at most ",
-                         std::numeric_limits<Index>::max(), " (got ", dim, ")");
+      if (dim > max_elements)
+        safetensors_fail(label, at, "tensor '", name, "': a dimension must be at most ", max_elements, " (got ", dim,
+                         ")");
       info.shape.push_back(Index(dim));
-      if (!overflow && dim != 0 && elements > std::numeric_limits<std::uint64_t>::max() / dim) overflow = true;
-      if (!overflow) elements *= dim;
+      if (dim == 0)
+        zero = true;
+      else if (!too_many && elements > max_elements / dim)
+        too_many = true;
+      else if (!too_many)
+        elements *= dim;
     }
-    if (overflow)
-      safetensors_fail(label, at, "tensor '", name, "': the product of the shape overflows 64 bits");
+    if (zero)
+      elements = 0;
+    else if (too_many)
+      safetensors_fail(label, at, "tensor '", name, "': the product of the shape exceeds ", max_elements,
+                       " elements");
     if (!offsets_it->is_array() || offsets_it->size() != 2)
       safetensors_fail(label, at, "tensor '", name, "': data_offsets must be an array of two integers [begin, end]");
     info.begin = header_uint((*offsets_it)[0], label, at, name, "data_offsets");
