@@ -7,7 +7,7 @@ RANKWISE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export RANKWISE_ROOT
 
 # Debian packages the project builds with (docs/getting-started.md says what each is for).
-RANKWISE_PACKAGES=(libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libcli11-dev ccache)
+RANKWISE_PACKAGES=(libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libcli11-dev libre2-dev pkg-config ccache)
 # Plots of the benchmarks (benchmarks/plot_variants.py, scripts/plot.sh); scripts/test.sh installs them
 # too, optionally, so that the suite's plot test runs.
 RANKWISE_PLOT_PACKAGES=(python3-matplotlib)

@@ -162,6 +162,36 @@ TEST_CASE("parse_peft_config: rejects values of the wrong type, naming the key a
   CHECK_THROWS_WITH(rankwise::peft_targets(bad_regex, "q"), Contains("is not a valid regular expression"));
 }
 
+TEST_CASE("peft_targets: patterns from a file cannot hang or crash the loader", "[io][peft][errors]") {
+  // Regressions: with std::regex the first pattern backtracked for hours on this path (nested
+  // quantifiers) and the second overflowed the stack (deep nesting).
+  using rankwise::parse_peft_config;
+  const std::string path = std::string(48, 'a') + "!";
+  const auto started = std::chrono::steady_clock::now();
+  const PeftConfig nested = parse_peft_config(R"({"peft_type": "LORA", "target_modules": "(a+)+$"})");
+  CHECK_FALSE(rankwise::peft_targets(nested, path));
+  const PeftConfig alternation = parse_peft_config(R"({"peft_type": "LORA", "target_modules": "(a|a)*b"})");
+  CHECK_FALSE(rankwise::peft_targets(alternation, path));
+  const PeftConfig keys = parse_peft_config(R"({"peft_type": "LORA", "rank_pattern": {"(a*)*b": 4}, "r": 2})");
+  CHECK(rankwise::peft_rank_for(keys, path) == 2);
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));  // a hang, not a speed goal
+
+  const std::string deep = std::string(2000, '(') + "q" + std::string(2000, ')');
+  const PeftConfig deep_config = parse_peft_config("{\"peft_type\": \"LORA\", \"target_modules\": \"" + deep + "\"}");
+  CHECK(rankwise::peft_targets(deep_config, "q"));  // within the limits: compiled without recursion
+  const std::string deeper = std::string(5000, '(') + "q" + std::string(5000, ')');
+  const PeftConfig long_config = parse_peft_config("{\"peft_type\": \"LORA\", \"target_modules\": \"" + deeper + "\"}");
+  CHECK_THROWS_AS(rankwise::peft_targets(long_config, "q"), FormatError);
+  CHECK_THROWS_WITH(rankwise::peft_targets(long_config, "q"), Contains("more than the 4096 accepted"));
+  const PeftConfig backreference = parse_peft_config(R"({"peft_type": "LORA", "target_modules": "(q)\\1"})");
+  CHECK_THROWS_WITH(rankwise::peft_targets(backreference, "qq"), Contains("is not a valid regular expression"));
+  // The usual PEFT patterns work as in Python's re.fullmatch.
+  const PeftConfig usual = parse_peft_config(R"j({"peft_type": "LORA", "target_modules": ".*\\.(q_proj|v_proj)"})j");
+  CHECK(rankwise::peft_targets(usual, "model.layers.0.self_attn.q_proj"));
+  CHECK_FALSE(rankwise::peft_targets(usual, "model.layers.0.self_attn.k_proj"));
+  CHECK_FALSE(rankwise::peft_targets(usual, "q_proj"));
+}
+
 TEST_CASE("load_peft_adapter: loads a directory written by PEFT's rules", "[io][peft]") {
   Random rng(1);
   Model model;

@@ -12,6 +12,7 @@
 
 #include <rankwise/core/config.hpp>
 #include <rankwise/core/error.hpp>
+#include <rankwise/core/pattern.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -20,7 +21,6 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <regex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -244,27 +244,32 @@ class PeftConfigParser {
   const nlohmann::ordered_json* m_root = nullptr;
 };
 
-/// PEFT's pattern rule: does "(.*\.)?(key)$" match the whole path? Throws FormatError for a key
+/// `pattern` compiled (core/pattern.hpp: RE2, linear time), or FormatError naming the file, `what`
+/// and `shown` (the text as the file has it).
+inline PathPattern peft_pattern(const std::string& pattern, const std::string& shown, const std::string& label,
+                                const char* what) {
+  std::string error;
+  std::optional<PathPattern> compiled = PathPattern::compile(pattern, error);
+  if (!compiled)
+    fail<FormatError>("rankwise::read_peft_config", "'", label, "': ", what, " '",
+                      shown.size() > 200 ? shown.substr(0, 200) + "..." : shown,
+                      "' is not a valid regular expression (", error, ")");
+  return *compiled;
+}
+
+/// PEFT's pattern rule: does "(.*\.)?(key)" match the whole path? Throws FormatError for a key
 /// that is not a valid regular expression.
 inline bool peft_pattern_matches(const std::string& key, const std::string& path, const std::string& label) {
-  try {
-    return std::regex_match(path, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    fail<FormatError>("rankwise::read_peft_config", "'", label, "': pattern key '", key,
-                      "' is not a valid regular expression");
-  }
+  if (key.size() > max_path_pattern_length)  // the length rule applies to the key as written
+    return peft_pattern(key, key, label, "pattern key").full_match(path);
+  return peft_pattern("(.*\\.)?(" + key + ")", key, label, "pattern key").full_match(path);
 }
 
 inline bool peft_list_matches(const std::vector<std::string>& names, const std::optional<std::string>& regex,
                               const std::string& path, const std::string& label) {
   if (regex) {
     if (*regex == "all-linear") return true;
-    try {
-      return std::regex_match(path, std::regex(*regex));
-    } catch (const std::regex_error&) {
-      fail<FormatError>("rankwise::read_peft_config", "'", label, "': target '", *regex,
-                        "' is not a valid regular expression");
-    }
+    return peft_pattern(*regex, *regex, label, "target").full_match(path);
   }
   for (const std::string& name : names) {
     if (name == "all-linear" || path == name) return true;

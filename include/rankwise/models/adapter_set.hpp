@@ -25,6 +25,7 @@
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/parameter.hpp>
+#include <rankwise/core/pattern.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
 #include <rankwise/io/named_adapter.hpp>
@@ -37,7 +38,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <regex>
 #include <set>
 #include <string>
 #include <utility>
@@ -329,13 +329,12 @@ inline std::vector<std::string> select_targets(const std::vector<std::string>& p
   const bool kind_default = ways == 0 && !default_target.empty();
   if (ways != 1 && !kind_default)
     detail::fail(where, "give exactly one of target_modules, target_regex, all_linear (got ", ways, ")");
-  std::regex pattern;
+  std::optional<PathPattern> pattern;
   if (!options.target_regex.empty()) {
-    try {
-      pattern = std::regex(options.target_regex, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      detail::fail(where, "target_regex '", options.target_regex, "' is not a valid regular expression (", e.what(), ")");
-    }
+    std::string error;
+    pattern = PathPattern::compile(options.target_regex, error);
+    if (!pattern)
+      detail::fail(where, "target_regex '", options.target_regex, "' is not a valid regular expression (", error, ")");
   }
   std::vector<std::string> selected;
   for (const std::string& path : paths) {
@@ -345,7 +344,7 @@ inline std::vector<std::string> select_targets(const std::vector<std::string>& p
     else if (options.all_linear)
       take = path != "lm_head";
     else if (!options.target_regex.empty())
-      take = std::regex_match(path, pattern);
+      take = pattern->full_match(path);
     else
       take = std::any_of(options.target_modules.begin(), options.target_modules.end(),
                          [&](const std::string& name) { return path_matches_suffix(path, name); });
