@@ -163,9 +163,7 @@ class LoRA {
   /// express every double). alpha() and scale_rank() keep describing how s was chosen; set_scaling()
   /// returns to the formula. Requires s finite and > 0.
   void set_scale(double scale) {
-    if (!(scale > 0.0) || !std::isfinite(scale) || !std::isfinite(Scalar(scale)) || !(Scalar(scale) > Scalar(0)))
-      detail::fail("rankwise::LoRA", "set_scale: scale must be a finite number > 0 in the adapter's precision (got ",
-                   scale, ")");
+    check_scale("rankwise::LoRA", "set_scale: scale", scale);
     if (m_merge.is_merged()) detail::fail<StateError>("rankwise::LoRA", "set_scale(): unmerge() first");
     m_exact_scale = scale;
   }
@@ -194,9 +192,17 @@ class LoRA {
       detail::fail(where, "the scale rank must be in [1, min(in, out)] = [1, ", std::min(in, out), "] (got ", scale_rank,
                    ")");
     const double s = use_rslora ? alpha / std::sqrt(double(scale_rank)) : alpha / double(scale_rank);
-    if (!std::isfinite(Scalar(s)) || !(Scalar(s) > Scalar(0)))
+    if (!representable_scale(s))
       detail::fail(where, "the scale alpha / ", use_rslora ? "sqrt(r) = " : "r = ", s,
                    " is not a finite number > 0 in the adapter's precision (alpha ", alpha, ", r ", scale_rank, ")");
+  }
+  /// A scale set as such (set_scale, loaders): finite and > 0 in Scalar; `what` names it in the message.
+  static void check_scale(const char* where, const char* what, double scale) {
+    if (!representable_scale(scale))
+      detail::fail(where, what, " must be a finite number > 0 in the adapter's precision (got ", scale, ")");
+  }
+  static bool representable_scale(double s) {
+    return s > 0.0 && std::isfinite(s) && std::isfinite(Scalar(s)) && Scalar(s) > Scalar(0);
   }
 
   // --- the Layer contract ----------------------------------------------------------------------

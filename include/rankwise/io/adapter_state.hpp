@@ -75,7 +75,6 @@ void load_state(const StateReader& in, LoRA<Scalar, Base>& lora) {
   if (!gates.allFinite()) in.fail("'gates' must be finite");
   const double alpha = in.number("alpha"), scale = in.number("scale");
   const std::int64_t scale_rank = in.integer("scale_rank");
-  if (!(alpha > 0.0) || scale_rank < 1 || !(scale > 0.0)) in.fail("'alpha', 'scale' and 'scale_rank' must be > 0");
   Random dropout_rng;
   load_state(in.child("dropout_generator"), dropout_rng);
   const bool enabled = in.boolean("enabled");
@@ -84,8 +83,7 @@ void load_state(const StateReader& in, LoRA<Scalar, Base>& lora) {
     using L = LoRA<Scalar, Base>;
     L::check_factors("the LoRA", lora.in_features(), lora.out_features(), A, B);
     L::check_scaling("the LoRA", lora.in_features(), lora.out_features(), alpha, Index(scale_rank), rslora);
-    if (!std::isfinite(scale) || !std::isfinite(Scalar(scale)) || !(Scalar(scale) > Scalar(0)))
-      in.fail("'scale' must be a finite number > 0 in the adapter's precision (got ", scale, ")");
+    L::check_scale("the LoRA", "'scale'", scale);
   } catch (const InvalidArgument& e) {
     in.fail("does not hold a valid LoRA state: ", e.what());
   }

@@ -229,23 +229,22 @@ struct PretrainResult {
 template <FloatScalar Scalar>
 PretrainResult pretrain(ToyTransformer<Scalar>& model, const PretrainRecipe& recipe, const ProgressCallback& on_step = {}) {
   const char* where = "rankwise::pretrain";
-  if (recipe.steps < 1) detail::fail(where, "steps must be >= 1 (got ", recipe.steps, ")");
-  if (recipe.batch < 1) detail::fail(where, "batch must be >= 1 (got ", recipe.batch, ")");
-  if (!(recipe.clip_norm >= 0.0) || !std::isfinite(recipe.clip_norm))
-    detail::fail(where, "clip_norm must be a finite number >= 0 (got ", recipe.clip_norm, ")");
-  if (recipe.warmup_steps < -1 || recipe.warmup_steps >= recipe.steps)
+  if (recipe.warmup_steps < -1 || (recipe.steps >= 1 && recipe.warmup_steps >= recipe.steps))
     detail::fail(where, "warmup_steps must be -1 (steps / 20) or in [0, steps) = [0, ", recipe.steps, ") (got ",
                  recipe.warmup_steps, ")");
+  const TrainerOptions options{.steps = recipe.steps, .lr = recipe.lr, .weight_decay = recipe.weight_decay,
+                               .schedule = ScheduleKind::Cosine,
+                               .warmup_steps = recipe.warmup_steps < 0 ? recipe.steps / 20 : recipe.warmup_steps,
+                               .final_lr_factor = recipe.final_lr_factor, .clip_norm = recipe.clip_norm};
+  Trainer<Scalar>::check_options(options, where);  // steps, clipping, the schedule's factor
+  if (recipe.batch < 1) detail::fail(where, "batch must be >= 1 (got ", recipe.batch, ")");
   const TaskGenerator task(recipe.task, recipe.task_options);
   detail::check_task(where, model, task);
   std::vector<Parameter<Scalar>*> params;
   for (Parameter<Scalar>* p : model.parameters())
     if (p->trainable) params.push_back(p);
   if (params.empty()) detail::fail(where, "the model has no trainable parameter");
-  Trainer<Scalar> trainer(params, {.steps = recipe.steps, .lr = recipe.lr, .weight_decay = recipe.weight_decay,
-                                   .schedule = ScheduleKind::Cosine,
-                                   .warmup_steps = recipe.warmup_steps < 0 ? recipe.steps / 20 : recipe.warmup_steps,
-                                   .final_lr_factor = recipe.final_lr_factor, .clip_norm = recipe.clip_norm});
+  Trainer<Scalar> trainer(params, options);
   Random rng(recipe.seed * 7919 + 1);
   TokenCrossEntropy<Scalar> loss_fn;
   Matrix<Scalar> logits, dlogits;
