@@ -11,7 +11,7 @@
 #include <rankwise/models/teacher.hpp>
 #include <rankwise/rankwise.hpp>
 
-#include <CLI/CLI.hpp>
+#include "finetune_cli.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -30,29 +30,8 @@ using rankwise::Index;
 using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
-struct Settings {
-  std::string adapter = "lora";
-  Index rank = 8;
-  double alpha = 16.0;
-  std::string targets;  // empty: the adapter's default (all-linear; RED: mlp.down_proj)
-  std::string task = "relabel";
-  long steps = 400;
-  double lr = 0.0;  // unset (0): rankwise::recommended_lr(adapter)
-  std::uint64_t seed = 1;
-  int threads = 1;  // the toy model's products are small; OpenMP teams on a busy machine spin-wait
-  long pretrain_steps = 1500;
-  Index d_model = 64;
-  Index layers = 4;
-  Index batch = 32;
-  Index eval_sequences = 512;
-  std::string base;  // empty: <output>/base-cache/<configuration and recipe>
-  std::string output = "finetune_output";
-  bool quiet = false;
-  bool small = false;  // a tiny model and short runs, for the test suite
-  std::string allocator = "prune-fisher";  // alora: prune-fisher, prune-sens, prune, gain or paper (as published)
-  Index validation = 128;           // alora: sequences of the fixed batch the allocator scores on
-  Index validation_batches = 4;     // alora: parts it is scored in (the scores' standard errors)
-};
+using finetune_cli::Settings;
+using finetune_cli::split;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -89,35 +68,6 @@ class Progress {
   Clock::time_point m_start;
   double m_tokens = 0.0;
 };
-
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> items;
-  std::stringstream in(list);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) items.push_back(item);
-  return items;
-}
-
-// The options a run cannot start with, each refused before any work (the recipe's own checks follow in
-// run(), also before any work).
-void check_settings(const Settings& s, bool lr_given) {
-  const char* where = "finetune";
-  if (lr_given && (!(s.lr > 0.0) || !std::isfinite(s.lr)))
-    rankwise::detail::fail(where, "--lr must be a finite number > 0 (got ", s.lr, ")");
-  if (s.threads < 1 || s.threads > 1024) rankwise::detail::fail(where, "--threads must be in [1, 1024] (got ", s.threads, ")");
-  if (s.steps < 1) rankwise::detail::fail(where, "--steps must be >= 1 (got ", s.steps, ")");
-  if (s.pretrain_steps < 1) rankwise::detail::fail(where, "--pretrain-steps must be >= 1 (got ", s.pretrain_steps, ")");
-  if (s.batch < 1) rankwise::detail::fail(where, "--batch must be >= 1 (got ", s.batch, ")");
-  if (s.eval_sequences < 1) rankwise::detail::fail(where, "--eval-sequences must be >= 1 (got ", s.eval_sequences, ")");
-  if (s.d_model < 4 || s.d_model % 4 != 0)
-    rankwise::detail::fail(where, "--d-model must be a multiple of the 4 heads, >= 4 (got ", s.d_model, ")");
-  if (s.layers < 1) rankwise::detail::fail(where, "--layers must be >= 1 (got ", s.layers, ")");
-  const std::vector<std::string> tasks = {"relabel", "sort", "add", "teacher", "copy", "reverse", "grammar", "mixture"};
-  if (std::find(tasks.begin(), tasks.end(), s.task) == tasks.end())
-    rankwise::detail::fail(where, "--task must be one of relabel, sort, add, teacher (or a pre-training task: copy, "
-                                  "reverse, grammar, mixture) (got \"", s.task, "\")");
-  if (s.output.empty()) rankwise::detail::fail(where, "--output must name a directory (got an empty path)");
-}
 
 // The output directory can be created and takes files: found now, not after pre-training. What the
 // probe creates is removed again, so that a run refused later leaves nothing behind.
@@ -172,10 +122,6 @@ int run(const Settings& s) {
   recipe.lr = s.lr > 0.0 ? s.lr : rankwise::recommended_lr(s.adapter);
   recipe.seed = s.seed;
   // [snippet: recipe]
-  if (s.allocator != "prune-fisher" && s.allocator != "prune-sens" && s.allocator != "prune" && s.allocator != "gain" &&
-      s.allocator != "paper")
-    rankwise::detail::fail("finetune", "--allocator must be prune-fisher, prune-sens, prune, gain or paper (got \"",
-                           s.allocator, "\")");
   if (s.adapter == "alora") {
     // [snippet: allocator]
     if (s.allocator.starts_with("prune")) {  // start at 3 x rank, prune to rank x modules
@@ -345,76 +291,15 @@ int run(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Settings s;
-  CLI::App app{"Pre-train the toy transformer (or reuse its cached base), then fine-tune it with an adapter on an "
-               "unseen task and save the adapter."};
-  app.add_option("--adapter", s.adapter, "lora, dylora, erat, vera, red, melora or alora")->capture_default_str();
-  app.add_option("--rank", s.rank, "adapter rank (DyLoRA/ERAT: r_max; VeRA: the shared bank's rank is 16x this)")
-      ->capture_default_str();
-  app.add_option("--alpha", s.alpha, "adapter alpha (scale alpha / rank)")->capture_default_str();
-  app.add_option("--targets", s.targets,
-                 "module names separated by commas (q_proj,v_proj) or all-linear; default: all-linear, RED: "
-                 "mlp.down_proj");
-  app.add_option("--task", s.task, "downstream task: relabel, sort or add; or teacher (distil a teacher with planted ranks)")->capture_default_str();
-  app.add_option("--steps", s.steps, "fine-tuning steps")->capture_default_str();
-  app.add_option("--lr", s.lr, "peak learning rate of the linear schedule; default: 2e-3, VeRA, RED and ERAT 1e-2");
-  app.add_option("--seed", s.seed, "seed of everything random")->capture_default_str();
-  app.add_option("--threads", s.threads, "threads for the matrix products (2 can help on an idle machine)")
-      ->capture_default_str();
-  app.add_option("--base", s.base,
-                 "base checkpoint directory: loaded if it holds one (same configuration), else pre-trained and "
-                 "saved there; default: <output>/base-cache/<configuration and recipe>");
-  app.add_option("--output", s.output, "directory for the adapter, the loss curve and the base cache")
-      ->capture_default_str();
-  app.add_option("--d-model", s.d_model, "model width (4 heads, d_ff = 4 d_model)")->capture_default_str();
-  app.add_option("--layers", s.layers, "transformer blocks")->capture_default_str();
-  app.add_option("--pretrain-steps", s.pretrain_steps, "pre-training steps of the base")->capture_default_str();
-  app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
-  app.add_option("--eval-sequences", s.eval_sequences, "held-out sequences for the accuracy")->capture_default_str();
-  app.add_flag("--quiet", s.quiet, "no progress display");
-  app.add_flag("--small", s.small, "a tiny model and short runs (for the tests)");
-  app.add_option("--allocator", s.allocator,
-                 "alora's policy: prune-fisher (from 3 x rank, pruned by drop costs predicted from the training "
-                 "gradients; docs/rank/alora.md), prune-sens (the same by sensitivity), prune (by drop costs measured "
-                 "on the validation batch), gain (gain over cost) or paper (ALoRA as published)")
-      ->capture_default_str();
-  app.add_option("--validation", s.validation, "alora: sequences in the fixed batch the allocator scores on")
-      ->check(CLI::Range(1, 100000))
-      ->capture_default_str();
-  app.add_option("--validation-batches", s.validation_batches,
-                 "alora: parts the validation batch is scored in (gives the scores' standard errors)")
-      ->check(CLI::Range(1, 100000))
-      ->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "error: %s (see --help)\n", e.what());
-    return 2;
-  }
-  if (s.small) {  // smaller defaults; an option given on the command line keeps its value
-    std::string set;
-    const auto small = [&](const char* option, auto& value, auto small_value) {
-      if (app.count(option) > 0) return;
-      value = small_value;
-      set += std::string(set.empty() ? "" : ", ") + option + " " + std::to_string(small_value);
-    };
-    small("--d-model", s.d_model, Index(32));
-    small("--layers", s.layers, Index(2));
-    small("--pretrain-steps", s.pretrain_steps, 60L);
-    small("--steps", s.steps, 40L);
-    small("--batch", s.batch, Index(16));
-    small("--eval-sequences", s.eval_sequences, Index(64));
-    small("--rank", s.rank, Index(4));
-    small("--validation", s.validation, Index(32));
-    small("--validation-batches", s.validation_batches, Index(2));
-    if (!s.quiet) std::printf("--small: %s\n", set.c_str());
-  }
-  try {
-    check_settings(s, app.count("--lr") > 0);
-    return run(s);
-  } catch (const std::exception& e) {  // rankwise::Error and the rest: one line, nothing half done
+  try {  // rankwise::Error and the rest: one line, nothing half done
+    const finetune_cli::CommandLine line = finetune_cli::parse_command_line(argc, argv);
+    if (!line.help.empty()) {
+      std::printf("%s", line.help.c_str());
+      return 0;
+    }
+    if (line.settings.small && !line.settings.quiet) std::printf("--small: %s\n", line.small_note.c_str());
+    return run(line.settings);
+  } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;

@@ -675,3 +675,22 @@ TEST_CASE("save_peft_adapter: model slots export what has a plain-LoRA form and 
   const auto back = rankwise::read_peft_lora<float>(dir.path);
   CHECK(back.modules[1].factors.rank() == 4);
 }
+
+TEST_CASE("load_peft_adapter (VeRA): non-finite vectors are refused unless PeftLoadOptions::allow_non_finite",
+          "[io][peft]") {
+  TempDir dir("peft_vera_nan");
+  Random rng(23);
+  const auto bank = rankwise::VeRAProjections<float>::make(3, 8, 8, rng);
+  rankwise::VeRA<float> saved(Linear<float>(8, 8, rng), bank);
+  saved.lambda_b_parameter().value(2) = std::numeric_limits<float>::quiet_NaN();  // a diverged run
+  rankwise::save_peft_vera(dir.path, std::vector<NamedAdapter<rankwise::VeRA<float>>>{{"layers.0.q", &saved}});
+  rankwise::VeRA<float> loaded(Linear<float>(8, 8, rng), bank);
+  const Matrix<float> before = loaded.lambda_b();
+  const std::vector<NamedAdapter<rankwise::VeRA<float>>> modules = {{"layers.0.q", &loaded}};
+  CHECK_THROWS_WITH(rankwise::load_peft_adapter(dir.path, modules),
+                    Contains("does not hold valid VeRA adapters") && Contains("vera_lambda_b holds a NaN or an infinity"));
+  CHECK(same_bits(loaded.lambda_b(), before));
+  rankwise::load_peft_adapter(dir.path, modules, {.allow_non_finite = true});
+  CHECK(std::isnan(loaded.lambda_b()(2)));
+  CHECK(same_bits(loaded.lambda_d(), saved.lambda_d()));
+}

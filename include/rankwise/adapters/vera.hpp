@@ -51,11 +51,14 @@ class VeRAProjections {
     init();
   }
 
-  /// Stored projections: A is r x max_in, B is max_out x r.
-  VeRAProjections(MatrixType A, MatrixType B) {
+  /// Stored projections: A is r x max_in, B is max_out x r, finite unless `allow_non_finite`.
+  VeRAProjections(MatrixType A, MatrixType B, bool allow_non_finite = false) {
     if (A.rows() < 1 || A.cols() < 1 || B.rows() < 1 || B.cols() != A.rows())
       detail::fail("rankwise::VeRAProjections", "need A: r x max_in and B: max_out x r with r, max_in, max_out >= 1 ",
                    "(got A ", A.rows(), " x ", A.cols(), ", B ", B.rows(), " x ", B.cols(), ")");
+    if (!allow_non_finite && (!A.allFinite() || !B.allFinite()))
+      detail::fail("rankwise::VeRAProjections", "the projections must be finite (", A.allFinite() ? "B" : "A",
+                   " holds a NaN or an infinity; allow_non_finite accepts it)");
     m_A.value = std::move(A);
     m_B.value = std::move(B);
     init();

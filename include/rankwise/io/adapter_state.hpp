@@ -111,6 +111,14 @@ void check_adapter_header(const StateReader& in, const AdapterType& adapter, con
             adapter.out_features(), " x ", adapter.in_features());
 }
 
+/// A loaded tensor must be finite, as the constructors require of the values they are given: a state
+/// saved from a diverged run is refused by name rather than trained on.
+template <typename Derived>
+void check_finite_state(const StateReader& in, const char* key, const Eigen::MatrixBase<Derived>& values) {
+  if (!values.allFinite())
+    in.fail("'", key, "' holds a NaN or an infinity (saved from a diverged run?); nothing was restored");
+}
+
 template <typename AdapterType>
 void write_adapter_header(StateWriter& out, const AdapterType& adapter, const char* kind) {
   if (adapter.is_merged())
@@ -168,6 +176,8 @@ void load_state(const StateReader& in, DyLoRA<Scalar, Base>& d) {
   if (lo < 0 || lo >= b || b > d.max_rank()) in.fail("the window [", lo, ", ", b, ") must lie in [0, ", d.max_rank(), "]");
   Matrix<Scalar> A = in.template matrix<Scalar>("lora_A", d.max_rank(), d.in_features());
   Matrix<Scalar> B = in.template matrix<Scalar>("lora_B", d.out_features(), d.max_rank());
+  detail::check_finite_state(in, "lora_A", A);
+  detail::check_finite_state(in, "lora_B", B);
   d.A_parameter().value.swap(A);
   d.B_parameter().value.swap(B);
   d.set_window(Index(lo), Index(b));
@@ -198,6 +208,8 @@ void load_state(const StateReader& in, VeRA<Scalar, Base>& v) {
             "over the same bank (same seed, or read_vera_projections())");
   Matrix<Scalar> d = in.template matrix<Scalar>("vera_lambda_d", v.rank(), 1);
   Matrix<Scalar> b = in.template matrix<Scalar>("vera_lambda_b", v.out_features(), 1);
+  detail::check_finite_state(in, "vera_lambda_d", d);
+  detail::check_finite_state(in, "vera_lambda_b", b);
   v.lambda_d_parameter().value.swap(d);
   v.lambda_b_parameter().value.swap(b);
 }
@@ -221,6 +233,8 @@ std::shared_ptr<const VeRAProjections<Scalar>> read_vera_projections(const State
   if (A.rows() < 1 || A.cols() < 1 || B.rows() < 1 || B.cols() != A.rows())
     in.fail("vera_A must be r x max_in and vera_B max_out x r (got ", A.rows(), " x ", A.cols(), " and ", B.rows(),
             " x ", B.cols(), ")");
+  detail::check_finite_state(in, "vera_A", A);
+  detail::check_finite_state(in, "vera_B", B);
   return std::make_shared<const VeRAProjections<Scalar>>(std::move(A), std::move(B));
 }
 
@@ -243,6 +257,8 @@ void load_state(const StateReader& in, MELoRA<Scalar, Base>& m) {
             in.number("alpha"), " but the model's MELoRA has ", m.n(), ", ", m.mini_rank(), ", ", m.alpha());
   Matrix<Scalar> A = in.template matrix<Scalar>("melora_A", m.A().rows(), m.A().cols());
   Matrix<Scalar> B = in.template matrix<Scalar>("melora_B", m.B().rows(), m.B().cols());
+  detail::check_finite_state(in, "melora_A", A);
+  detail::check_finite_state(in, "melora_B", B);
   m.A_parameter().value.swap(A);
   m.B_parameter().value.swap(B);
 }
@@ -265,6 +281,8 @@ void load_state(const StateReader& in, RED<Scalar, Base>& r) {
             " but the model's RED trains ", r.options().scaling, " and ", r.options().bias);
   Matrix<Scalar> scaling = in.template matrix<Scalar>("activation_scaling", r.out_features(), 1);
   Matrix<Scalar> bias = in.template matrix<Scalar>("activation_bias", r.out_features(), 1);
+  detail::check_finite_state(in, "activation_scaling", scaling);
+  detail::check_finite_state(in, "activation_bias", bias);
   r.scaling_parameter().value.swap(scaling);
   r.bias_parameter().value.swap(bias);
 }

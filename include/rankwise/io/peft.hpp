@@ -71,7 +71,7 @@ enum class PeftAlpha {
               ///< so that llama.cpp's single-alpha rule gives each module its scale (exact up to one rounding of B)
 };
 
-/// How load_peft_adapter() reads a LoRA directory.
+/// How load_peft_adapter() reads a directory (LoRA and VeRA; read_peft_vera() too).
 struct PeftLoadOptions {
   /// Accept factors holding NaN or infinity (refused by default: a file from a diverged run).
   bool allow_non_finite = false;
@@ -687,9 +687,10 @@ PeftConfig save_peft_vera(const std::filesystem::path& dir, const std::vector<Na
   return config;
 }
 
-/// Reads a native PEFT VeRA directory; every inconsistency is reported in one FormatError.
+/// Reads a native PEFT VeRA directory; every inconsistency is reported in one FormatError, non-finite
+/// projections or vectors too unless `options.allow_non_finite`.
 template <FloatScalar Scalar>
-PeftVeRAAdapter<Scalar> read_peft_vera(const std::filesystem::path& dir) {
+PeftVeRAAdapter<Scalar> read_peft_vera(const std::filesystem::path& dir, const PeftLoadOptions& options = {}) {
   const char* where = "rankwise::read_peft_vera";
   const std::filesystem::path config_path = dir / detail::peft_config_file;
   PeftVeRAAdapter<Scalar> out;
@@ -743,7 +744,18 @@ PeftVeRAAdapter<Scalar> read_peft_vera(const std::filesystem::path& dir) {
     detail::fail_with_problems(where, "'" + dir.string() + "' is not a VeRA adapter rankwise can load", problems);
   for (const auto& [path, db] : pairs)
     out.modules.push_back({path, reader.template matrix<Scalar>(db.first->name), reader.template matrix<Scalar>(db.second->name)});
-  out.projections = std::make_shared<const VeRAProjections<Scalar>>(std::move(A), std::move(B));
+  if (!options.allow_non_finite) {  // the constructors' rule: a file from a diverged run is refused
+    const char* why = " holds a NaN or an infinity (PeftLoadOptions::allow_non_finite accepts it)";
+    if (!A.allFinite()) problems.push_back(std::string(detail::peft_vera_A) + why);
+    if (!B.allFinite()) problems.push_back(std::string(detail::peft_vera_B) + why);
+    for (const auto& m : out.modules) {
+      if (!m.lambda_d.allFinite()) problems.push_back("module '" + m.path + "': vera_lambda_d" + why);
+      if (!m.lambda_b.allFinite()) problems.push_back("module '" + m.path + "': vera_lambda_b" + why);
+    }
+    if (!problems.empty())
+      detail::fail_with_problems(where, "'" + dir.string() + "' does not hold valid VeRA adapters", problems);
+  }
+  out.projections = std::make_shared<const VeRAProjections<Scalar>>(std::move(A), std::move(B), options.allow_non_finite);
   return out;
 }
 
@@ -752,10 +764,11 @@ PeftVeRAAdapter<Scalar> read_peft_vera(const std::filesystem::path& dir) {
 /// from the same stored matrices. Every mismatch is reported in one FormatError; nothing changes
 /// unless everything fits.
 template <FloatScalar Scalar, typename Base>
-PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<VeRA<Scalar, Base>>>& modules) {
+PeftConfig load_peft_adapter(const std::filesystem::path& dir, const std::vector<NamedAdapter<VeRA<Scalar, Base>>>& modules,
+                             const PeftLoadOptions& options = {}) {
   const char* where = "rankwise::load_peft_adapter";
   detail::check_named_adapters(where, modules);
-  PeftVeRAAdapter<Scalar> file = read_peft_vera<Scalar>(dir);
+  PeftVeRAAdapter<Scalar> file = read_peft_vera<Scalar>(dir, options);
   std::map<std::string, const PeftVeRAModule<Scalar>*> by_path;
   for (const auto& m : file.modules) by_path.emplace(m.path, &m);
   std::vector<std::string> problems;

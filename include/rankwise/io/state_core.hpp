@@ -273,6 +273,9 @@ void save_state(StateWriter& out, const std::vector<NamedAdapter<AdapterType>>& 
 }
 
 /// Restores each adapter; the module paths must be exactly those saved (all mismatches reported).
+/// All or nothing: every adapter checks its state before it changes, and when a later module's state
+/// is refused, the modules already restored get their previous states back (kept in memory while
+/// loading: the adapters' own tensors, not the base weights).
 template <typename AdapterType>
 void load_state(const StateReader& in, const std::vector<NamedAdapter<AdapterType>>& modules) {
   detail::check_named_adapters("rankwise::load_state", modules);
@@ -296,7 +299,38 @@ void load_state(const StateReader& in, const std::vector<NamedAdapter<AdapterTyp
     for (const std::string& p : problems) os << "\n  - " << p;
     in.fail(os.str());
   }
-  for (const NamedAdapter<AdapterType>& m : modules) load_state(in.child(m.path), *m.adapter);
+  struct Backup {
+    std::vector<unsigned char> tensors;
+    nlohmann::json json;
+  };
+  std::vector<Backup> backups;
+  backups.reserve(modules.size());
+  std::size_t done = 0;
+  try {
+    for (; done < modules.size(); ++done) {
+      const NamedAdapter<AdapterType>& m = modules[done];
+      const StateReader child = in.child(m.path);
+      Backup backup;
+      try {  // an adapter that cannot be saved (a merged one) cannot be restored either: load_state says why
+        SafetensorsWriter tensors;
+        StateWriter writer(tensors, backup.json, "");
+        save_state(writer, *m.adapter);
+        backup.tensors = tensors.serialize();  // now: the writer references the adapter's tensors
+      } catch (const Error&) {
+      }
+      load_state(child, *m.adapter);
+      backups.push_back(std::move(backup));
+    }
+  } catch (...) {
+    for (std::size_t i = done; i-- > 0;) {  // put back what was restored, newest first
+      try {
+        const SafetensorsReader tensors = SafetensorsReader::from_bytes(backups[i].tensors, "<previous state>");
+        load_state(StateReader(tensors, backups[i].json, "", "<previous state>"), *modules[i].adapter);
+      } catch (const Error&) {  // its own previous state is valid; report the original error regardless
+      }
+    }
+    throw;
+  }
 }
 
 }  // namespace rankwise

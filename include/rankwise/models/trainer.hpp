@@ -189,6 +189,9 @@ class Trainer {
   /// naming `caller`: for code that takes these options from its own configuration.
   static void check_options(const TrainerOptions& o, const char* caller) {
     if (o.steps < 1) detail::fail(caller, "steps must be >= 1 (got ", o.steps, ")");
+    if (!(o.lr > 0.0) || !std::isfinite(o.lr)) detail::fail(caller, "lr must be a finite number > 0 (got ", o.lr, ")");
+    if (!(o.weight_decay >= 0.0) || !std::isfinite(o.weight_decay))
+      detail::fail(caller, "weight_decay must be a finite number >= 0 (got ", o.weight_decay, ")");
     if (o.warmup_steps < -1 || o.warmup_steps >= o.steps)
       detail::fail(caller, "warmup_steps must be -1 (steps / 10) or in [0, steps) = [0, ", o.steps, ") (got ",
                    o.warmup_steps, ")");
