@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
-# Fuzzes rankwise's file readers: builds the libFuzzer targets of fuzz/ with clang under
-# AddressSanitizer + UndefinedBehaviorSanitizer and runs each for a bounded time from its seed
-# corpus (fuzz/corpus/<name>/, kept small in the repository; new inputs stay in the build tree).
-# Usage: scripts/fuzz.sh [seconds per target]     (default 30, or FUZZ_SECONDS)
-# Environment: BUILD_DIR (default build/fuzz). Installs clang and its runtime libraries if missing.
+# Fuzzes rankwise's file readers and loaders: builds the libFuzzer programs of fuzz/ with clang under
+# AddressSanitizer + UndefinedBehaviorSanitizer and runs each target for a bounded time from its
+# corpus, as many at a time as there are cores (fuzz/targets.hpp lists the targets:
+# safetensors, adapter_config, adapter_directory, checkpoint).
+# Usage: scripts/fuzz.sh [--merge] [seconds per target] [target...]
+#   seconds     default 30 (or FUZZ_SECONDS); continuous integration runs the default
+#   target...   default: all of them
+#   --merge     afterwards, add the inputs found that reach new code to the repository's corpus
+#               (fuzz/corpus/<target>/, libFuzzer's -merge=1), to be committed
+# The corpus in the repository is only read while fuzzing; new inputs go to BUILD_DIR/corpus/<target>/.
+# On a finding (crash, timeout, leak, out of memory) the input libFuzzer saved is copied to
+# fuzz/corpus/<target>/ (crash-<sha1>, ...): the replay test (ctest fuzz_corpus_replay) then fails
+# on it until the defect is fixed, and the file stays there as a regression input.
+# Environment: BUILD_DIR (default build/fuzz), FUZZ_JOBS (targets at a time, default: the cores).
+# Installs clang and its runtime libraries if missing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-seconds="${1:-${FUZZ_SECONDS:-30}}"
+all_targets=(safetensors adapter_config adapter_directory checkpoint)
+merge=0
+seconds="${FUZZ_SECONDS:-30}"
+names=()
+for arg in "$@"; do
+  case "$arg" in
+    --merge) merge=1 ;;
+    --help | -h) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *[!0-9]*)
+      [[ " ${all_targets[*]} " == *" $arg "* ]] || { echo "error: unknown target '$arg' (targets: ${all_targets[*]})" >&2; exit 2; }
+      names+=("$arg") ;;
+    *) seconds="$arg" ;;
+  esac
+done
+[ "${#names[@]}" -gt 0 ] || names=("${all_targets[@]}")
+
 rankwise_install_packages clang libclang-rt-dev
 build_dir="${BUILD_DIR:-$RANKWISE_ROOT/build/fuzz}"
 echo "== configuring $build_dir (clang, -fsanitize=fuzzer,address,undefined)"
@@ -15,35 +40,68 @@ rankwise_configure "$build_dir" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=
   -DRANKWISE_BUILD_FUZZERS=ON -DRANKWISE_BUILD_TESTS=OFF -DRANKWISE_BUILD_EXAMPLES=OFF \
   -DRANKWISE_BUILD_BENCHMARKS=OFF -DRANKWISE_INSTALL=OFF
 echo "== building"
-cmake --build "$build_dir" -j "$(rankwise_jobs)" --target safetensors_fuzz adapter_config_fuzz
+# Every program of the build, in parallel: the fuzzers and the seed generator (built so that it keeps
+# compiling; it is run by hand, docs/testing/suite.md).
+cmake --build "$build_dir" -j "$(rankwise_jobs)"
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-# The targets run side by side (one core each); each one's output goes to its log, printed when done.
-pids=()
-names=(safetensors adapter_config)
-for name in "${names[@]}"; do
-  work="$build_dir/corpus/$name"
-  mkdir -p "$work"
-  echo "== fuzzing $name for ${seconds}s (seeds: fuzz/corpus/$name; log: $build_dir/$name.log)"
-  # The first directory receives new inputs; the seed directory is only read.
+jobs="${FUZZ_JOBS:-$(rankwise_jobs)}"
+# One target per core at a time; each one's output goes to its log, printed when all are done.
+fuzz_one() {
+  local name="$1" work="$build_dir/corpus/$1" artifacts="$build_dir/artifacts/$1/"
+  rm -rf "$artifacts"
+  mkdir -p "$work" "$artifacts"
+  # The first directory receives new inputs; the repository's corpus is only read.
   "$build_dir/fuzz/${name}_fuzz" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
-    -dict="$RANKWISE_ROOT/fuzz/$name.dict" -print_final_stats=1 "$work" "$RANKWISE_ROOT/fuzz/corpus/$name" \
-    >"$build_dir/$name.log" 2>&1 &
+    -dict="$RANKWISE_ROOT/fuzz/$name.dict" -artifact_prefix="$artifacts" -print_final_stats=1 \
+    "$work" "$RANKWISE_ROOT/fuzz/corpus/$name" >"$build_dir/$name.log" 2>&1
+}
+pids=()
+running=0
+for name in "${names[@]}"; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || true  # the statuses are collected below
+    running=$((running - 1))
+  fi
+  echo "== fuzzing $name for ${seconds}s (corpus: fuzz/corpus/$name; log: $build_dir/$name.log)"
+  fuzz_one "$name" &
   pids+=("$!")
+  running=$((running + 1))
 done
+
 failed=0
 for i in "${!names[@]}"; do
+  name="${names[$i]}"
   status=0
   wait "${pids[$i]}" || status=$?
   if [ "$status" -eq 0 ]; then
-    echo "== ${names[$i]}: done; the end of its log:"
-    tail -n 12 "$build_dir/${names[$i]}.log"
-  else
-    echo "== ${names[$i]}: exit status $status; its log:"
-    cat "$build_dir/${names[$i]}.log"
-    failed=1
+    echo "== $name: done; the end of its log:"
+    tail -n 12 "$build_dir/$name.log"
+    continue
   fi
+  echo "== $name: exit status $status; its log:"
+  cat "$build_dir/$name.log"
+  failed=1
+  for artifact in "$build_dir/artifacts/$name"/{crash,timeout,leak,oom}-*; do
+    [ -e "$artifact" ] || continue
+    cp "$artifact" "$RANKWISE_ROOT/fuzz/corpus/$name/"
+    echo "== $name: the input is now fuzz/corpus/$name/$(basename "$artifact")"
+    echo "   run it again: $build_dir/fuzz/${name}_fuzz fuzz/corpus/$name/$(basename "$artifact")"
+    echo "   the replay test (ctest -R fuzz_corpus_replay) now fails on it; once the defect is fixed, commit it"
+    echo "   with the fix: it stays in the corpus as a regression input"
+  done
 done
 [ "$failed" -eq 0 ] || { echo "== fuzzing found a problem (the logs above say where)" >&2; exit 1; }
+
+if [ "$merge" -eq 1 ]; then
+  for name in "${names[@]}"; do
+    before=$(find "$RANKWISE_ROOT/fuzz/corpus/$name" -type f | wc -l)
+    "$build_dir/fuzz/${name}_fuzz" -merge=1 -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+      "$RANKWISE_ROOT/fuzz/corpus/$name" "$build_dir/corpus/$name" >"$build_dir/$name.merge.log" 2>&1 ||
+      { echo "== merging $name failed; its log:"; cat "$build_dir/$name.merge.log"; exit 1; }
+    after=$(find "$RANKWISE_ROOT/fuzz/corpus/$name" -type f | wc -l)
+    echo "== $name: merged $((after - before)) new input(s) into fuzz/corpus/$name ($after files)"
+  done
+fi
 echo "== fuzzing found nothing"
