@@ -3,11 +3,13 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer and runs each target for a bounded time from its
 # corpus, as many at a time as there are cores (fuzz/targets.hpp lists the targets:
 # safetensors, adapter_config, adapter_directory, checkpoint).
-# Usage: scripts/fuzz.sh [--merge] [seconds per target] [target...]
+# Usage: scripts/fuzz.sh [--merge] [--seeds] [seconds per target] [target...]
 #   seconds     default 30 (or FUZZ_SECONDS); continuous integration runs the default
 #   target...   default: all of them
 #   --merge     afterwards, add the inputs found that reach new code to the repository's corpus
 #               (fuzz/corpus/<target>/, libFuzzer's -merge=1), to be committed
+#   --seeds     first rebuild the seeds of the structured targets with the library's writers
+#               (fuzz/make_seeds.cpp, into fuzz/corpus/; after a format change), then fuzz
 # The corpus in the repository is only read while fuzzing; new inputs go to BUILD_DIR/corpus/<target>/.
 # On a finding (crash, timeout, leak, out of memory) the input libFuzzer saved is copied to
 # fuzz/corpus/<target>/ (crash-<sha1>, ...): the replay test (ctest fuzz_corpus_replay) then fails
@@ -19,12 +21,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 all_targets=(safetensors adapter_config adapter_directory checkpoint)
 merge=0
+seeds=0
 seconds="${FUZZ_SECONDS:-30}"
 names=()
 for arg in "$@"; do
   case "$arg" in
     --merge) merge=1 ;;
-    --help | -h) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --seeds) seeds=1 ;;
+    --help | -h) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *[!0-9]*)
       [[ " ${all_targets[*]} " == *" $arg "* ]] || { echo "error: unknown target '$arg' (targets: ${all_targets[*]})" >&2; exit 2; }
       names+=("$arg") ;;
@@ -40,9 +44,15 @@ rankwise_configure "$build_dir" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=
   -DRANKWISE_BUILD_FUZZERS=ON -DRANKWISE_BUILD_TESTS=OFF -DRANKWISE_BUILD_EXAMPLES=OFF \
   -DRANKWISE_BUILD_BENCHMARKS=OFF -DRANKWISE_INSTALL=OFF
 echo "== building"
-# Every program of the build, in parallel: the fuzzers and the seed generator (built so that it keeps
-# compiling; it is run by hand, docs/testing/suite.md).
-cmake --build "$build_dir" -j "$(rankwise_jobs)"
+# The fuzzers of the targets asked for, in parallel; the seed generator only with --seeds.
+build_targets=()
+for name in "${names[@]}"; do build_targets+=("${name}_fuzz"); done
+[ "$seeds" -eq 0 ] || build_targets+=(rankwise_fuzz_seeds)
+cmake --build "$build_dir" -j "$(rankwise_jobs)" --target "${build_targets[@]}"
+if [ "$seeds" -eq 1 ]; then
+  echo "== writing the seeds of the structured targets into fuzz/corpus/"
+  "$build_dir/fuzz/rankwise_fuzz_seeds" "$RANKWISE_ROOT/fuzz/corpus"
+fi
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
