@@ -17,8 +17,8 @@ fail() {
 # --- a quick run: every program ran and wrote its results -----------------------------------------
 started=$SECONDS
 # GOTO_NUM_THREADS is OpenBLAS's alone: inert (and recorded so) unless the build uses OpenBLAS.
-# toy_transformer and compare_variants are skipped: their own smoke tests run the same commands.
-env GOTO_NUM_THREADS=1 bash "$bench" --quick --skip toy_transformer,compare_variants --prebuilt "$build" --out "$work/quick" \
+# toy_transformer, peers and compare_variants are skipped: their own smoke tests run the same commands.
+env GOTO_NUM_THREADS=1 bash "$bench" --quick --skip toy_transformer,peers,compare_variants --prebuilt "$build" --out "$work/quick" \
   > "$work/quick.log" 2>&1 ||
   fail "scripts/bench.sh --quick failed; its output:
 $(cat "$work/quick.log")"
@@ -56,7 +56,7 @@ mkdir -p "\$2/relabel" && cp "$here/testdata/"*.csv "\$2/relabel/" && echo "# st
   echo "stand-in: copied testdata to \$2/relabel"
 STAND_IN
 chmod +x "$fake/benchmarks/compare_variants"
-bash "$bench" --quick --prebuilt "$fake" --skip lora_layer,bench_adapters,bench_allocator,toy_transformer,io_bandwidth \
+bash "$bench" --quick --prebuilt "$fake" --skip lora_layer,bench_adapters,bench_allocator,toy_transformer,peers,io_bandwidth \
   --out "$work/variants" > "$work/variants.log" 2>&1 || fail "the run with compare_variants failed: $(cat "$work/variants.log")"
 grep -qx "compare_variants: exit 0, .* s" "$work/variants/summary.txt" ||
   fail "compare_variants did not run: $(cat "$work/variants.log")"

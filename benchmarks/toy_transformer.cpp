@@ -34,6 +34,7 @@
 
 #include "alloc/counting_malloc.hpp"
 #include "bench_context.hpp"
+#include "fma_peak.hpp"
 
 #include <cxxabi.h>
 #include <dlfcn.h>
@@ -426,6 +427,53 @@ Rss peak_rss(Mode mode) {
 }
 
 const char* verdict(bool ok) { return ok ? "PASS" : "FAIL"; }
+
+// --serve: the rankwise side of benchmarks/peers/compare.py, which interleaves it with the PyTorch
+// peer round by round. One model per mode, built on first use and kept; commands on stdin, one
+// answer line each on stdout:
+//   info                       -> "info <description of the build>"
+//   run <mode> <threads> <n>   -> "run <wall ms/step> <cpu ms/step> <GFLOP/step>" (median of n steps,
+//                                 after one unmeasured step)
+//   peak <threads>             -> "peak <GFLOP/s of the FMA loop>"
+//   rss <mode>                 -> "rss <peak resident MiB> <MiB before the model>" (the mode in a process
+//                                 of its own)
+int serve_rounds() {
+  namespace rb = rankwise::bench;
+  std::map<std::string, std::unique_ptr<Runner>> runners;
+  char line[256];
+  while (std::fgets(line, sizeof line, stdin)) {
+    char command[32] = {}, mode_name[32] = {};
+    int threads = 1, steps = 1;
+    const int got = std::sscanf(line, "%31s %31s %d %d", command, mode_name, &threads, &steps);
+    if (got >= 1 && std::strcmp(command, "info") == 0) {
+      std::printf("info rankwise, %s, flags %s, Eigen %s, SIMD %s, products: %s\n", rb::compiler().c_str(),
+                  RANKWISE_BENCH_FLAGS, rb::eigen_version().c_str(), rb::simd().c_str(), rb::backend().c_str());
+    } else if (got == 4 && std::strcmp(command, "run") == 0) {
+      const Mode mode = mode_of(mode_name);
+      rb::set_threads(threads);
+      std::unique_ptr<Runner>& runner = runners[mode_name];
+      if (!runner) runner = std::make_unique<Runner>(mode, false);
+      runner->step();  // the first step after a change of threads or mode is not measured
+      std::vector<double> wall, cpu;
+      for (int i = 0; i < std::max(1, steps); ++i) {
+        const double w = wall_now(), c = cpu_now();
+        runner->step();
+        wall.push_back(wall_now() - w);
+        cpu.push_back(cpu_now() - c);
+      }
+      std::printf("run %.4f %.4f %.4f\n", 1e3 * median(wall), 1e3 * median(cpu), step_flops(mode) * 1e-9);
+    } else if (got == 2 && std::strcmp(command, "peak") == 0) {
+      std::printf("peak %.2f\n", rb::fma_peak_gflops(std::atoi(mode_name)));
+    } else if (got == 2 && std::strcmp(command, "rss") == 0) {
+      const Rss rss = peak_rss(mode_of(mode_name));
+      std::printf("rss %.1f %.1f\n", rss.peak, rss.before);
+    } else {
+      std::printf("error unknown command: %s", line);
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -433,6 +481,7 @@ int main(int argc, char** argv) {
   int rounds = 11;
   std::vector<int> thread_counts = {1, 2};
   const char* only = nullptr;
+  bool serve = false;
   if (argc == 3 && std::strcmp(argv[1], "--rss-child") == 0)
     return rss_child(mode_of(argv[2]));
   for (int i = 1; i < argc; ++i) {
@@ -443,6 +492,8 @@ int main(int argc, char** argv) {
       for (char* t = std::strtok(argv[++i], ","); t; t = std::strtok(nullptr, ",")) thread_counts.push_back(std::atoi(t));
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
       only = argv[++i];
+    else if (std::strcmp(argv[i], "--serve") == 0)
+      serve = true;
   }
   // glibc would unmap and re-fault blocks over 128 KiB on every free (Eigen's packing buffers among
   // them); RANKWISE_BENCH_MALLOPT=0 measures the defaults.
@@ -451,6 +502,7 @@ int main(int argc, char** argv) {
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
   }
+  if (serve) return serve_rounds();
   if (only) {  // one mode's steps alone, for a profiler
     const Mode mode = mode_of(only);
     rb::set_threads(thread_counts.front());

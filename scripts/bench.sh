@@ -66,8 +66,8 @@ on_off() { case "${1^^}" in ON | 1 | TRUE | YES) echo ON ;; *) echo OFF ;; esac;
 programs=(lora_layer bench_adapters bench_allocator toy_transformer io_bandwidth)
 skipped=",$skip,"
 for name in ${skip//,/ }; do
-  [[ " ${programs[*]} compare_variants " == *" $name "* ]] ||
-    die "--skip: unknown program '$name' (one of: ${programs[*]} compare_variants)"
+  [[ " ${programs[*]} peers compare_variants " == *" $name "* ]] ||
+    die "--skip: unknown program '$name' (one of: ${programs[*]} peers compare_variants)"
 done
 if [ -n "$prebuilt" ]; then
   [ "$native$blas" = "00" ] || die "--native and --blas configure a build; --prebuilt uses '$prebuilt' as it was configured"
@@ -262,11 +262,16 @@ for p in lora_layer bench_adapters bench_allocator; do
   fi
   run "$p" "$out/$p.json" -- "$bin/$p" "${args[@]}" --benchmark_out="$out/$p.json" --benchmark_out_format=json
 done
+# peers: rankwise's toy transformer against the PyTorch peer, interleaved round by round in one run
+# (benchmarks/peers/compare.py; without python3-torch the peer's columns say "missing").
+peers=(python3 "$RANKWISE_ROOT/benchmarks/peers/compare.py" --rankwise "$bin/toy_transformer")
 if [ $quick = 1 ]; then
   run toy_transformer -- "$bin/toy_transformer" --rounds 1 --threads-list 1
+  run peers -- "${peers[@]}" --rounds 1 --steps 1 --threads-list 1
   run io_bandwidth -- "$bin/io_bandwidth" --quick "$out"
 else
   run toy_transformer -- "$bin/toy_transformer"
+  run peers -- "${peers[@]}" --busy-core
   run io_bandwidth -- "$bin/io_bandwidth"
 fi
 
