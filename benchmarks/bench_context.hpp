@@ -1,6 +1,7 @@
 // What every rankwise benchmark prints about the run: machine, compiler, flags, Eigen, BLAS, threads,
 // and the environment variables known to change the numbers (docs/benchmarks.md, "Traps").
 #pragma once
+#include <rankwise/core/parallel.hpp>
 
 #include <Eigen/Core>
 
@@ -83,11 +84,23 @@ inline std::string eigen_version() {
          std::to_string(EIGEN_MINOR_VERSION);
 }
 
-/// Sets the threads of whichever backend runs the products.
+/// Whose threads set_threads() sets.
+inline std::string threads_kind() {
+  const char* pool = std::getenv("RANKWISE_BENCH_POOL");
+  return pool && std::string(pool) == "0" ? "the product backend's (RANKWISE_BENCH_POOL=0)"
+                                          : "rankwise's own (core/parallel.hpp)";
+}
+
+/// Sets n threads: rankwise's own (core/parallel.hpp: they split the products, each product running
+/// on one thread), or with RANKWISE_BENCH_POOL=0 those of whichever backend runs the products (Eigen's
+/// OpenMP, or OpenBLAS), for comparison.
 inline void set_threads(int n) {
-  Eigen::setNbThreads(n);
+  const char* pool = std::getenv("RANKWISE_BENCH_POOL");
+  const bool backend = pool && std::string(pool) == "0";
+  rankwise::set_num_threads(backend ? 1 : n);
+  Eigen::setNbThreads(backend ? n : 1);
 #if defined(RANKWISE_USE_BLAS)
-  openblas_set_num_threads(n);
+  openblas_set_num_threads(backend ? n : 1);
 #endif
 }
 

@@ -446,8 +446,9 @@ int serve_rounds() {
     int threads = 1, steps = 1;
     const int got = std::sscanf(line, "%31s %31s %d %d", command, mode_name, &threads, &steps);
     if (got >= 1 && std::strcmp(command, "info") == 0) {
-      std::printf("info rankwise, %s, flags %s, Eigen %s, SIMD %s, products: %s\n", rb::compiler().c_str(),
-                  RANKWISE_BENCH_FLAGS, rb::eigen_version().c_str(), rb::simd().c_str(), rb::backend().c_str());
+      std::printf("info rankwise, %s, flags %s, Eigen %s, SIMD %s, products: %s, threads: %s\n", rb::compiler().c_str(),
+                  RANKWISE_BENCH_FLAGS, rb::eigen_version().c_str(), rb::simd().c_str(), rb::backend().c_str(),
+                  rb::threads_kind().c_str());
     } else if (got == 4 && std::strcmp(command, "run") == 0) {
       const Mode mode = mode_of(mode_name);
       rb::set_threads(threads);
@@ -517,9 +518,9 @@ int main(int argc, char** argv) {
   std::printf("# toy transformer: vocab %ld, d_model %ld, heads %ld, layers %ld, d_ff %ld, sequence %ld, batch %ld, float\n",
               long(kConfig.vocab), long(kConfig.d_model), long(kConfig.heads), long(kConfig.layers), long(kConfig.d_ff),
               long(kSeq), long(kBatch));
-  std::printf("# cpu %s | %s | flags %s | Eigen %s, SIMD %s | products: %s\n", rb::cpu_model().c_str(),
+  std::printf("# cpu %s | %s | flags %s | Eigen %s, SIMD %s | products: %s | threads: %s\n", rb::cpu_model().c_str(),
               rb::compiler().c_str(), RANKWISE_BENCH_FLAGS, rb::eigen_version().c_str(), rb::simd().c_str(),
-              rb::backend().c_str());
+              rb::backend().c_str(), rb::threads_kind().c_str());
   std::printf("# malloc: %s | OMP_WAIT_POLICY=%s | load average at start: %s\n",
               tuned ? "mmap/trim thresholds raised (mallopt)" : "glibc defaults",
               rb::env_or("OMP_WAIT_POLICY", "(unset)").c_str(), rb::load_average().c_str());

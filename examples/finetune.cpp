@@ -105,7 +105,8 @@ void check_base_dir(const fs::path& dir) {
 }
 
 int run(const Settings& s) {
-  Eigen::setNbThreads(s.threads);
+  rankwise::set_num_threads(s.threads);  // rankwise's threads split the products; Eigen's own stay at 1
+  Eigen::setNbThreads(1);
   const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
                                            .max_length = 8, .max_digits = 4};
   rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = s.d_model, .heads = 4, .layers = s.layers,

@@ -27,7 +27,7 @@ struct Settings {
   long steps = 400;
   double lr = 0.0;  // unset (0): rankwise::recommended_lr(adapter)
   std::uint64_t seed = 1;
-  int threads = 1;  // the toy model's products are small; OpenMP teams on a busy machine spin-wait
+  int threads = 1;  // rankwise's threads (core/parallel.hpp); 2 help on an idle machine, never hurt a busy one
   long pretrain_steps = 1500;
   Index d_model = 64;
   Index layers = 4;
@@ -56,7 +56,7 @@ inline void check_settings(const Settings& s, bool lr_given) {
   const char* where = "finetune";
   if (lr_given && (!(s.lr > 0.0) || !std::isfinite(s.lr)))
     rankwise::detail::fail(where, "--lr must be a finite number > 0 (got ", s.lr, ")");
-  if (s.threads < 1 || s.threads > 1024) rankwise::detail::fail(where, "--threads must be in [1, 1024] (got ", s.threads, ")");
+  if (s.threads < 1 || s.threads > 64) rankwise::detail::fail(where, "--threads must be in [1, 64] (got ", s.threads, ")");
   if (s.steps < 1) rankwise::detail::fail(where, "--steps must be >= 1 (got ", s.steps, ")");
   if (s.pretrain_steps < 1) rankwise::detail::fail(where, "--pretrain-steps must be >= 1 (got ", s.pretrain_steps, ")");
   if (s.batch < 1) rankwise::detail::fail(where, "--batch must be >= 1 (got ", s.batch, ")");
@@ -100,7 +100,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   app.add_option("--steps", s.steps, "fine-tuning steps")->capture_default_str();
   app.add_option("--lr", s.lr, "peak learning rate of the linear schedule; default: 2e-3, VeRA, RED and ERAT 1e-2");
   app.add_option("--seed", s.seed, "seed of everything random")->capture_default_str();
-  app.add_option("--threads", s.threads, "threads for the matrix products (2 can help on an idle machine)")
+  app.add_option("--threads", s.threads, "threads the products are split over (docs/core/threads.md)")
       ->capture_default_str();
   app.add_option("--base", s.base,
                  "base checkpoint directory: loaded if it holds one (same configuration), else pre-trained and "

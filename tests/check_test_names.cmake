@@ -11,6 +11,12 @@ if(split_names)
   string(REPLACE ";" "\\;" shown "${split_names}")
   message(FATAL_ERROR "test names must not contain ';' (ctest would register pieces that run nothing): ${shown}")
 endif()
+# An unclosed '[' (a name like "... cover [0, n) ...") makes CMake's list handling swallow every name
+# after it into one: those tests are never registered, and nothing fails.
+string(REGEX MATCHALL "[^\n]*\\[[^]\n]*\n" open_names "${names}\n")
+if(open_names)
+  message(FATAL_ERROR "test names must close every '[' they open (ctest would lose the tests after them): ${open_names}")
+endif()
 string(REGEX MATCHALL "\n" lines "${names}")
 list(LENGTH lines count)
 message(STATUS "${count} test names, none split")

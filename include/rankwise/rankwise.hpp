@@ -11,6 +11,7 @@
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
 #include <rankwise/core/memory.hpp>
+#include <rankwise/core/parallel.hpp>
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>

@@ -711,8 +711,8 @@ void add_command_line_cases(std::vector<Case>& cases) {
   bad("--lr must be a finite number > 0 (got nan)", {"--lr", "nan"});
   bad("--lr must be a finite number > 0 (got -1)", {"--lr", "-1"});
   bad("--lr must be a finite number > 0 (got 0)", {"--small", "--lr", "0"});
-  bad("--threads must be in [1, 1024] (got 0)", {"--threads", "0"});
-  bad("--threads must be in [1, 1024] (got 5000)", {"--threads", "5000"});
+  bad("--threads must be in [1, 64] (got 0)", {"--threads", "0"});
+  bad("--threads must be in [1, 64] (got 65)", {"--threads", "65"});
   bad("--steps must be >= 1 (got 0)", {"--steps", "0"});
   bad("--pretrain-steps must be >= 1 (got -5)", {"--pretrain-steps", "-5"});
   bad("--batch must be >= 1 (got 0)", {"--small", "--batch", "0"});

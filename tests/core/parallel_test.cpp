@@ -1,0 +1,110 @@
+// Tests for rankwise/core/parallel.hpp: the sleeping worker pool, the fixed cut of the work, and a
+// Linear layer split over threads (the same numbers run after run, close to one thread's, and exact
+// gradients).
+#include <rankwise/core/parallel.hpp>
+#include <rankwise/layers/linear.hpp>
+#include <rankwise/testing/gradient_check.hpp>
+
+#include "support/matchers.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <vector>
+
+namespace {
+// Restores one thread when a test ends, whatever it set.
+struct ThreadsGuard {
+  ~ThreadsGuard() { rankwise::set_num_threads(1); }
+};
+}  // namespace
+
+TEST_CASE("set_num_threads: refuses counts outside 1 to 64 and keeps the current one", "[core][parallel][errors]") {
+  ThreadsGuard guard;
+  rankwise::set_num_threads(2);
+  CHECK_THROWS_WITH(rankwise::set_num_threads(0), Catch::Contains("[rankwise::set_num_threads] threads must be in [1, 64] (got 0)"));
+  CHECK_THROWS_AS(rankwise::set_num_threads(65), rankwise::InvalidArgument);
+  CHECK(rankwise::num_threads() == 2);
+}
+
+TEST_CASE("parallel_parts: every part runs exactly once, on any thread count, job after job", "[core][parallel]") {
+  ThreadsGuard guard;
+  for (int threads : {1, 2, 3, 4}) {
+    rankwise::set_num_threads(threads);
+    for (rankwise::Index parts : {1, 2, 3, 7, 64}) {
+      for (int job = 0; job < 50; ++job) {
+        std::vector<std::atomic<int>> calls(static_cast<std::size_t>(parts));
+        rankwise::detail::parallel_parts(parts, [&](rankwise::Index p) { calls[std::size_t(p)].fetch_add(1); });
+        for (rankwise::Index p = 0; p < parts; ++p) {
+          INFO("threads " << threads << ", parts " << parts << ", job " << job << ", part " << p);
+          REQUIRE(calls[std::size_t(p)].load() == 1);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("part_range: cuts n items into aligned blocks that cover 0 to n in order", "[core][parallel]") {
+  for (rankwise::Index n : {0, 1, 15, 16, 17, 100, 2048, 2049}) {
+    for (rankwise::Index parts : {1, 2, 3, 5}) {
+      rankwise::Index expected_begin = 0;
+      for (rankwise::Index p = 0; p < parts; ++p) {
+        const auto [begin, end] = rankwise::detail::part_range(n, parts, p);
+        INFO("n " << n << ", parts " << parts << ", part " << p);
+        CHECK(begin == expected_begin);
+        CHECK(end >= begin);
+        if (p + 1 < parts) CHECK(end % 16 == 0);
+        expected_begin = end;
+      }
+      CHECK(expected_begin == n);
+    }
+  }
+}
+
+TEST_CASE("Linear on 2 threads: deterministic, equal to 1 thread up to rounding, exact gradients", "[core][parallel][layers]") {
+  ThreadsGuard guard;
+  rankwise::Random rng(11);
+  rankwise::Linear<float> layer(96, 80, rng);
+  const rankwise::Matrix<float> x = rankwise::test_support::random_matrix<float>(96, 1000, rng);
+  const rankwise::Matrix<float> dy = rankwise::test_support::random_matrix<float>(80, 1000, rng);
+  // One step: forward, backward; returns y, dx and dW.
+  const auto run = [&] {
+    layer.zero_grad();
+    rankwise::Matrix<float> y, dx;
+    layer.forward(x, y);
+    layer.backward(dy, dx);
+    return std::vector<rankwise::Matrix<float>>{y, dx, layer.weight_parameter().grad};
+  };
+  rankwise::set_num_threads(1);
+  const auto one = run();
+  rankwise::set_num_threads(2);
+  REQUIRE(rankwise::detail::parts_for(x.cols()) == 2);  // the split really happens
+  const auto two = run();
+  const auto again = run();
+  for (std::size_t i = 0; i < one.size(); ++i) {
+    INFO("output " << i << " (y, dx, dW)");
+    CHECK(rankwise::test_support::same_bits(two[i], again[i]));
+    CHECK_THAT(two[i], rankwise::test_support::IsCloseTo<float>(one[i], 1e-5, 1e-4));
+  }
+
+  rankwise::Linear<double> small(8, 64, rng);  // 256 columns and 64 rows: every product split in two
+  REQUIRE(rankwise::detail::parts_for(256) == 2);
+  REQUIRE(rankwise::detail::parts_for(64, 32) == 2);
+  const rankwise::Matrix<double> xs = rankwise::test_support::random_matrix<double>(8, 256, rng);
+  const auto result = rankwise::testing::check_gradients(small, xs, rng);
+  INFO(result.worst);
+  CHECK(result.max_error < 1e-6);  // sums over 256 columns: the differences' own error is ~1e-7 here
+  // In double, the split gradients equal one thread's up to the order of the sums.
+  const rankwise::Matrix<double> dys = rankwise::test_support::random_matrix<double>(64, 256, rng);
+  const auto grads = [&] {
+    small.zero_grad();
+    rankwise::Matrix<double> y, dx;
+    small.forward(xs, y);
+    small.backward(dys, dx);
+    return std::vector<rankwise::Matrix<double>>{y, dx, small.weight_parameter().grad};
+  };
+  const auto split = grads();
+  rankwise::set_num_threads(1);
+  const auto whole = grads();
+  for (std::size_t i = 0; i < whole.size(); ++i) CHECK_THAT(split[i], rankwise::test_support::IsCloseTo<double>(whole[i], 1e-12, 1e-12));
+}
