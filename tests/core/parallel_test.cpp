@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -41,6 +42,28 @@ TEST_CASE("parallel_parts: every part runs exactly once, on any thread count, jo
         }
       }
     }
+  }
+}
+
+TEST_CASE("parallel_parts: a part that throws reaches the caller after every other part has finished",
+          "[core][parallel][errors]") {
+  ThreadsGuard guard;
+  for (int threads : {1, 2, 3}) {
+    rankwise::set_num_threads(threads);
+    for (int job = 0; job < 20; ++job) {
+      std::atomic<int> finished{0};
+      CHECK_THROWS_WITH(rankwise::detail::parallel_parts(6,
+                                                         [&](rankwise::Index p) {
+                                                           if (p == 3) throw std::runtime_error("part 3 failed");
+                                                           finished.fetch_add(1);
+                                                         }),
+                        "part 3 failed");
+      CHECK(finished.load() == 5);  // the others ran to the end before the exception left
+    }
+    // The pool works as before afterwards.
+    std::atomic<int> calls{0};
+    rankwise::detail::parallel_parts(4, [&](rankwise::Index) { calls.fetch_add(1); });
+    CHECK(calls.load() == 4);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -52,8 +53,16 @@ class WorkerPool {
   /// done. Allocates nothing.
   void run(Index parts, void (*call)(void*, Index), void* context) {
     if (parts <= 0) return;
-    if (m_workers.empty() || parts == 1) {
-      for (Index p = 0; p < parts; ++p) call(context, p);
+    if (m_workers.empty() || parts == 1) {  // the same semantics on the calling thread alone
+      std::exception_ptr error;
+      for (Index p = 0; p < parts; ++p) {
+        try {
+          call(context, p);
+        } catch (...) {
+          if (!error) error = std::current_exception();
+        }
+      }
+      if (error) std::rethrow_exception(error);
       return;
     }
     // Callers on several threads of the user's program (two models trained side by side) take turns;
@@ -78,6 +87,14 @@ class WorkerPool {
       std::unique_lock<std::mutex> lock(m_mutex);
       m_finished.wait(lock, [&] { return m_done.load(std::memory_order_acquire) >= m_parts; });
     }
+    // A part that threw (std::bad_alloc from a product's buffers) is rethrown here, once every part
+    // has finished: no thread still uses the caller's data when the exception leaves run().
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(m_mutex);
+      error = std::exchange(m_error, nullptr);
+    }
+    if (error) std::rethrow_exception(error);
   }
 
   ~WorkerPool() { stop_workers(); }
@@ -89,7 +106,12 @@ class WorkerPool {
     for (;;) {
       const Index p = m_next.fetch_add(1, std::memory_order_relaxed);
       if (p >= m_parts) return;
-      m_call(m_context, p);
+      try {
+        m_call(m_context, p);
+      } catch (...) {  // kept for the caller; the part counts as done
+        std::lock_guard<std::mutex> lock(m_mutex);
+        if (!m_error) m_error = std::current_exception();
+      }
       if (m_done.fetch_add(1, std::memory_order_acq_rel) + 1 == m_parts) {
         std::lock_guard<std::mutex> lock(m_mutex);  // pairs with the caller's wait
         m_finished.notify_all();
@@ -135,6 +157,7 @@ class WorkerPool {
   void (*m_call)(void*, Index) = nullptr;
   void* m_context = nullptr;
   Index m_parts = 0;
+  std::exception_ptr m_error;  // the first exception a part threw in the current job
   std::atomic<Index> m_next{0};
   std::atomic<Index> m_done{0};
 };
