@@ -44,12 +44,14 @@ rankwise_configure "$build_dir" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=
   -DRANKWISE_BUILD_FUZZERS=ON -DRANKWISE_BUILD_TESTS=OFF -DRANKWISE_BUILD_EXAMPLES=OFF \
   -DRANKWISE_BUILD_BENCHMARKS=OFF -DRANKWISE_INSTALL=OFF
 echo "== building"
-# The fuzzers of the targets asked for, in parallel; the seed generator only with --seeds.
-build_targets=()
-for name in "${names[@]}"; do build_targets+=("${name}_fuzz"); done
-[ "$seeds" -eq 0 ] || build_targets+=(rankwise_fuzz_seeds)
-cmake --build "$build_dir" -j "$(rankwise_jobs)" --target "${build_targets[@]}"
+# The fuzzers (all of them, in parallel, unless targets were named); the seed generator only with --seeds.
+if [ "${#names[@]}" -eq "${#all_targets[@]}" ]; then
+  cmake --build "$build_dir" -j "$(rankwise_jobs)"
+else
+  for name in "${names[@]}"; do cmake --build "$build_dir" -j "$(rankwise_jobs)" --target "${name}_fuzz"; done
+fi
 if [ "$seeds" -eq 1 ]; then
+  cmake --build "$build_dir" -j "$(rankwise_jobs)" --target rankwise_fuzz_seeds
   echo "== writing the seeds of the structured targets into fuzz/corpus/"
   "$build_dir/fuzz/rankwise_fuzz_seeds" "$RANKWISE_ROOT/fuzz/corpus"
 fi
