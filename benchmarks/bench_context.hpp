@@ -84,19 +84,22 @@ inline std::string eigen_version() {
          std::to_string(EIGEN_MINOR_VERSION);
 }
 
+/// RANKWISE_BENCH_POOL=0: set_threads() sets the product backend's threads instead of rankwise's.
+inline bool backend_threads() {
+  const char* pool = std::getenv("RANKWISE_BENCH_POOL");
+  return pool && std::string(pool) == "0";
+}
+
 /// Whose threads set_threads() sets.
 inline std::string threads_kind() {
-  const char* pool = std::getenv("RANKWISE_BENCH_POOL");
-  return pool && std::string(pool) == "0" ? "the product backend's (RANKWISE_BENCH_POOL=0)"
-                                          : "rankwise's own (core/parallel.hpp)";
+  return backend_threads() ? "the product backend's (RANKWISE_BENCH_POOL=0)" : "rankwise's own (core/parallel.hpp)";
 }
 
 /// Sets n threads: rankwise's own (core/parallel.hpp: they split the products, each product running
 /// on one thread), or with RANKWISE_BENCH_POOL=0 those of whichever backend runs the products (Eigen's
 /// OpenMP, or OpenBLAS), for comparison.
 inline void set_threads(int n) {
-  const char* pool = std::getenv("RANKWISE_BENCH_POOL");
-  const bool backend = pool && std::string(pool) == "0";
+  const bool backend = backend_threads();
   rankwise::set_num_threads(backend ? 1 : n);
   Eigen::setNbThreads(backend ? n : 1);
 #if defined(RANKWISE_USE_BLAS)

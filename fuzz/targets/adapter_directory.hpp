@@ -49,16 +49,7 @@ inline int adapter_directory(const std::uint8_t* data, std::size_t size) {
 
   LoRAModel loras(1);
   const bool lora_loaded = attempt(
-      "load_peft_adapter (LoRA)", [&] { load_peft_adapter(dir, loras.modules); },
-      [&] {
-        Snapshot all;
-        for (const auto& layer : loras.layers) {
-          const Snapshot one = snapshot(*layer);
-          all.matrices.insert(all.matrices.end(), one.matrices.begin(), one.matrices.end());
-          all.words.insert(all.words.end(), one.words.begin(), one.words.end());
-        }
-        return all;
-      });
+      "load_peft_adapter (LoRA)", [&] { load_peft_adapter(dir, loras.modules); }, [&] { return snapshot_all(loras.layers); });
   if (lora_loaded)
     for (const auto& m : loras.modules) exercise("load_peft_adapter (LoRA) '" + m.path + "'", *m.adapter);
 
@@ -75,14 +66,7 @@ inline int adapter_directory(const std::uint8_t* data, std::size_t size) {
     if (!veras.modules.empty()) {
       const bool vera_loaded = attempt(
           "load_peft_adapter (VeRA)", [&] { load_peft_adapter(dir, veras.modules); },
-          [&] {
-            Snapshot all;
-            for (const auto& layer : veras.layers) {
-              const Snapshot one = snapshot(*layer);
-              all.matrices.insert(all.matrices.end(), one.matrices.begin(), one.matrices.end());
-            }
-            return all;
-          });
+          [&] { return snapshot_all(veras.layers); });
       if (vera_loaded)
         for (const auto& m : veras.modules) exercise("load_peft_adapter (VeRA) '" + m.path + "'", *m.adapter);
     }

@@ -98,6 +98,11 @@ struct Snapshot {
   std::vector<Matrix<float>> matrices;
   std::vector<std::uint64_t> words;
 
+  Snapshot& append(const Snapshot& other) {
+    matrices.insert(matrices.end(), other.matrices.begin(), other.matrices.end());
+    words.insert(words.end(), other.words.begin(), other.words.end());
+    return *this;
+  }
   Snapshot& add(const Matrix<float>& m) {
     matrices.push_back(m);
     words.push_back(std::uint64_t(m.rows()));

@@ -45,15 +45,20 @@ inline Snapshot snapshot(const RED<float>& r) {
 inline Snapshot snapshot(const std::vector<NamedAdapter<AnyLinear<float>>>& modules) {
   Snapshot s;
   for (const NamedAdapter<AnyLinear<float>>& m : modules) {
-    Snapshot one;
-    if (const auto* l = m.adapter->get_if<LoRA<float>>()) one = snapshot(*l);
-    else if (const auto* d = m.adapter->get_if<DyLoRA<float>>()) one = snapshot(*d);
-    else if (const auto* v = m.adapter->get_if<VeRA<float>>()) one = snapshot(*v);
-    else if (const auto* e = m.adapter->get_if<MELoRA<float>>()) one = snapshot(*e);
-    else if (const auto* r = m.adapter->get_if<RED<float>>()) one = snapshot(*r);
-    s.matrices.insert(s.matrices.end(), one.matrices.begin(), one.matrices.end());
-    s.words.insert(s.words.end(), one.words.begin(), one.words.end());
+    if (const auto* l = m.adapter->get_if<LoRA<float>>()) s.append(snapshot(*l));
+    else if (const auto* d = m.adapter->get_if<DyLoRA<float>>()) s.append(snapshot(*d));
+    else if (const auto* v = m.adapter->get_if<VeRA<float>>()) s.append(snapshot(*v));
+    else if (const auto* e = m.adapter->get_if<MELoRA<float>>()) s.append(snapshot(*e));
+    else if (const auto* r = m.adapter->get_if<RED<float>>()) s.append(snapshot(*r));
   }
+  return s;
+}
+
+/// Every layer of a list of owned layers (the PEFT loaders change all of them or none).
+template <typename Layers>
+Snapshot snapshot_all(const Layers& layers) {
+  Snapshot s;
+  for (const auto& layer : layers) s.append(snapshot(*layer));
   return s;
 }
 inline Snapshot snapshot(const Random& rng) {

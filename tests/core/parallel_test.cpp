@@ -18,6 +18,17 @@ namespace {
 struct ThreadsGuard {
   ~ThreadsGuard() { rankwise::set_num_threads(1); }
 };
+
+// One step of a layer from zero gradients: forward, backward; returns y, dx and dW.
+template <typename Scalar>
+std::vector<rankwise::Matrix<Scalar>> linear_step(rankwise::Linear<Scalar>& layer, const rankwise::Matrix<Scalar>& x,
+                                                  const rankwise::Matrix<Scalar>& dy) {
+  layer.zero_grad();
+  rankwise::Matrix<Scalar> y, dx;
+  layer.forward(x, y);
+  layer.backward(dy, dx);
+  return {y, dx, layer.weight_parameter().grad};
+}
 }  // namespace
 
 TEST_CASE("set_num_threads: refuses counts outside 1 to 64 and keeps the current one", "[core][parallel][errors]") {
@@ -90,20 +101,12 @@ TEST_CASE("Linear on 2 threads: deterministic, equal to 1 thread up to rounding,
   rankwise::Linear<float> layer(96, 80, rng);
   const rankwise::Matrix<float> x = rankwise::test_support::random_matrix<float>(96, 1000, rng);
   const rankwise::Matrix<float> dy = rankwise::test_support::random_matrix<float>(80, 1000, rng);
-  // One step: forward, backward; returns y, dx and dW.
-  const auto run = [&] {
-    layer.zero_grad();
-    rankwise::Matrix<float> y, dx;
-    layer.forward(x, y);
-    layer.backward(dy, dx);
-    return std::vector<rankwise::Matrix<float>>{y, dx, layer.weight_parameter().grad};
-  };
   rankwise::set_num_threads(1);
-  const auto one = run();
+  const auto one = linear_step(layer, x, dy);
   rankwise::set_num_threads(2);
   REQUIRE(rankwise::detail::parts_for(x.cols()) == 2);  // the split really happens
-  const auto two = run();
-  const auto again = run();
+  const auto two = linear_step(layer, x, dy);
+  const auto again = linear_step(layer, x, dy);
   for (std::size_t i = 0; i < one.size(); ++i) {
     INFO("output " << i << " (y, dx, dW)");
     CHECK(rankwise::test_support::same_bits(two[i], again[i]));
@@ -119,15 +122,8 @@ TEST_CASE("Linear on 2 threads: deterministic, equal to 1 thread up to rounding,
   CHECK(result.max_error < 1e-6);  // sums over 256 columns: the differences' own error is ~1e-7 here
   // In double, the split gradients equal one thread's up to the order of the sums.
   const rankwise::Matrix<double> dys = rankwise::test_support::random_matrix<double>(64, 256, rng);
-  const auto grads = [&] {
-    small.zero_grad();
-    rankwise::Matrix<double> y, dx;
-    small.forward(xs, y);
-    small.backward(dys, dx);
-    return std::vector<rankwise::Matrix<double>>{y, dx, small.weight_parameter().grad};
-  };
-  const auto split = grads();
+  const auto split = linear_step(small, xs, dys);
   rankwise::set_num_threads(1);
-  const auto whole = grads();
+  const auto whole = linear_step(small, xs, dys);
   for (std::size_t i = 0; i < whole.size(); ++i) CHECK_THAT(split[i], rankwise::test_support::IsCloseTo<double>(whole[i], 1e-12, 1e-12));
 }

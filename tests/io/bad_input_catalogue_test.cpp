@@ -85,12 +85,19 @@ Outcome run_attempt(const std::function<void()>& attempt) {
   return {};
 }
 
-/// A copy of the valid directory `from`, made fresh for each case.
-fs::path fresh_copy(const fs::path& from, const fs::path& scratch, const std::string& name) {
-  const fs::path to = scratch / name;
-  fs::remove_all(to);
-  fs::copy(from, to, fs::copy_options::recursive);
-  return to;
+/// A case on a file directory: a fresh copy of the valid directory `valid` (as `copy`), changed by
+/// `edit`, then loaded by `load`; `unchanged` tells whether the model loaded into is as before.
+Case directory_case(std::string input, std::string name, std::string type, std::string fragment, fs::path valid,
+                    fs::path copy, std::function<void(const fs::path&)> edit, std::function<void(const fs::path&)> load,
+                    std::function<bool()> unchanged) {
+  return {std::move(input), std::move(name), std::move(type), std::move(fragment),
+          [valid = std::move(valid), copy = std::move(copy), edit = std::move(edit), load = std::move(load)] {
+            fs::remove_all(copy);
+            fs::copy(valid, copy, fs::copy_options::recursive);
+            edit(copy);
+            load(copy);
+          },
+          std::move(unchanged)};
 }
 
 json read_json(const fs::path& path) { return json::parse(rankwise::test_support::read_text(path)); }
@@ -305,14 +312,10 @@ void add_peft_cases(std::vector<Case>& cases, const fs::path& scratch) {
   // A case: a copy of the valid directory, changed by `edit`, loaded into a fresh model.
   const auto bad = [&](std::string name, std::string type, std::string fragment, std::function<void(const fs::path&)> edit) {
     auto model = std::make_shared<LoRAPair>(2);
-    const fs::path dir = scratch / ("peft-" + std::to_string(cases.size()));
-    cases.push_back({"PEFT directory", std::move(name), std::move(type), std::move(fragment),
-                     [=] {
-                       fresh_copy(valid, scratch, dir.filename().string());
-                       edit(dir);
-                       rankwise::load_peft_adapter(dir, model->named());
-                     },
-                     unchanged_check(model)});
+    cases.push_back(directory_case("PEFT directory", std::move(name), std::move(type), std::move(fragment), valid,
+                                   scratch / ("peft-" + std::to_string(cases.size())), std::move(edit),
+                                   [model](const fs::path& dir) { rankwise::load_peft_adapter(dir, model->named()); },
+                                   unchanged_check(model)));
   };
   const auto config_edit = [&](std::string name, std::string fragment, std::function<void(json&)> change) {
     bad(std::move(name), "FormatError", std::move(fragment), [=](const fs::path& dir) {
@@ -426,14 +429,13 @@ void add_peft_cases(std::vector<Case>& cases, const fs::path& scratch) {
   const auto vera_bad = [&](std::string name, std::string fragment, std::function<void(const fs::path&)> edit) {
     auto v = vera_layer(2);
     auto before = std::make_shared<std::vector<Matrix<float>>>(std::vector<Matrix<float>>{v->lambda_d(), v->lambda_b()});
-    const fs::path dir = scratch / ("vera-" + std::to_string(cases.size()));
-    cases.push_back({"PEFT directory", std::move(name), "FormatError", std::move(fragment),
-                     [=] {
-                       fresh_copy(vera_valid, scratch, dir.filename().string());
-                       edit(dir);
-                       rankwise::load_peft_adapter(dir, std::vector<NamedAdapter<VeRA>>{{"layers.0.mlp.up_proj", v.get()}});
-                     },
-                     [v, before] { return same_bits(v->lambda_d(), (*before)[0]) && same_bits(v->lambda_b(), (*before)[1]); }});
+    cases.push_back(directory_case(
+        "PEFT directory", std::move(name), "FormatError", std::move(fragment), vera_valid,
+        scratch / ("vera-" + std::to_string(cases.size())), std::move(edit),
+        [v](const fs::path& dir) {
+          rankwise::load_peft_adapter(dir, std::vector<NamedAdapter<VeRA>>{{"layers.0.mlp.up_proj", v.get()}});
+        },
+        [v, before] { return same_bits(v->lambda_d(), (*before)[0]) && same_bits(v->lambda_b(), (*before)[1]); }));
   };
   vera_bad("VeRA without its projections", "save_projection", [=](const fs::path& dir) {
     rewrite_tensors(dir / weights, [](TensorEdit& e) {
@@ -483,25 +485,23 @@ void add_checkpoint_cases(std::vector<Case>& cases, const fs::path& scratch) {
   const auto bad = [&](std::string name, std::string type, std::string fragment, std::string component,
                        std::function<void(const fs::path&)> edit) {
     auto family = std::make_shared<Family>(2);
-    const fs::path dir = scratch / ("checkpoint-" + std::to_string(cases.size()));
-    cases.push_back({"checkpoint", std::move(name), std::move(type), std::move(fragment),
-                     [=] {
-                       fresh_copy(valid, scratch, dir.filename().string());
-                       edit(dir);
-                       const rankwise::CheckpointReader reader(dir);
-                       if (component == "bank") {
-                         (void)rankwise::read_vera_projections<float>(reader.component("bank"));
-                       } else if (component == "optimizer") {
-                         rankwise::AdamW<float> adamw(family->trainable(), {});
-                         reader.restore("optimizer", adamw);
-                       } else if (component == "rng") {
-                         Random rng;
-                         reader.restore("rng", rng);
-                       } else {
-                         reader.restore(component, family->named());
-                       }
-                     },
-                     unchanged_check(family)});
+    const auto restore = [family, component](const fs::path& dir) {
+      const rankwise::CheckpointReader reader(dir);
+      if (component == "bank") {
+        (void)rankwise::read_vera_projections<float>(reader.component("bank"));
+      } else if (component == "optimizer") {
+        rankwise::AdamW<float> adamw(family->trainable(), {});
+        reader.restore("optimizer", adamw);
+      } else if (component == "rng") {
+        Random rng;
+        reader.restore("rng", rng);
+      } else {
+        reader.restore(component, family->named());
+      }
+    };
+    cases.push_back(directory_case("checkpoint", std::move(name), std::move(type), std::move(fragment), valid,
+                                   scratch / ("checkpoint-" + std::to_string(cases.size())), std::move(edit), restore,
+                                   unchanged_check(family)));
   };
   const auto manifest_edit = [&](std::string name, std::string fragment, std::string component,
                                  std::function<void(json&)> change) {
@@ -602,14 +602,10 @@ void add_rankwise_adapter_cases(std::vector<Case>& cases, const fs::path& scratc
   }
   const auto bad = [&](std::string name, std::string type, std::string fragment, std::function<void(const fs::path&)> edit) {
     auto family = std::make_shared<Family>(2);
-    const fs::path dir = scratch / ("rankwise-" + std::to_string(cases.size()));
-    cases.push_back({"rankwise adapter", std::move(name), std::move(type), std::move(fragment),
-                     [=] {
-                       fresh_copy(valid, scratch, dir.filename().string());
-                       edit(dir);
-                       rankwise::load_rankwise_adapter(dir, family->named());
-                     },
-                     unchanged_check(family)});
+    cases.push_back(directory_case("rankwise adapter", std::move(name), std::move(type), std::move(fragment), valid,
+                                   scratch / ("rankwise-" + std::to_string(cases.size())), std::move(edit),
+                                   [family](const fs::path& dir) { rankwise::load_rankwise_adapter(dir, family->named()); },
+                                   unchanged_check(family)));
   };
   const std::string json_file = "rankwise_adapter.json", weights = "rankwise_adapter.safetensors";
   bad("rankwise_adapter.json is missing", "IoError", "cannot open", [=](const fs::path& d) { fs::remove(d / json_file); });

@@ -203,6 +203,21 @@ inline Index parts_for(Index n, Index min_block = 128) {
   if (threads <= 1) return 1;
   return std::max<Index>(1, std::min<Index>(threads, n / min_block));
 }
+
+/// Calls f(begin, count) for each block of [0, n) in that cut, on rankwise's threads: f(0, n) on the
+/// calling thread when there is one block (one thread, or a product too small to cut).
+template <typename F>
+void parallel_blocks(Index n, Index min_block, F&& f) {
+  const Index parts = parts_for(n, min_block);
+  if (parts == 1) {
+    f(Index(0), n);
+    return;
+  }
+  parallel_parts(parts, [&](Index p) {
+    const auto [begin, end] = part_range(n, parts, p);
+    f(begin, end - begin);
+  });
+}
 }  // namespace detail
 
 }  // namespace rankwise

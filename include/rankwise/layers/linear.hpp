@@ -118,15 +118,9 @@ class Linear {
   /// Requires forward() in training mode on the same batch. Accumulates dW, db; assigns dx = W^T dy.
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
     backward_parameters_only(dy);
-    const Index n = dy.cols(), parts = detail::parts_for(n);
-    if (parts == 1) {
-      dx.noalias() = m_weight.value.transpose() * dy;
-      return;
-    }
-    dx.resize(in_features(), n);
-    detail::parallel_parts(parts, [&](Index p) {
-      const auto [c0, c1] = detail::part_range(n, parts, p);
-      dx.middleCols(c0, c1 - c0).noalias() = m_weight.value.transpose() * dy.middleCols(c0, c1 - c0);
+    dx.resize(in_features(), dy.cols());
+    detail::parallel_blocks(dy.cols(), 128, [&](Index c, Index w) {
+      dx.middleCols(c, w).noalias() = m_weight.value.transpose() * dy.middleCols(c, w);
     });
   }
 
@@ -138,15 +132,10 @@ class Linear {
       if (x.cols() != dy.cols() || x.rows() != in_features())
         detail::fail<StateError>("rankwise::Linear", "backward: the input of forward() is gone (the layer was made "
                                  "trainable after its forward(), or a borrowed input changed shape)");
-      const Index rows = out_features(), parts = detail::parts_for(rows, 32);
-      if (parts == 1) {
-        m_weight.grad.noalias() += dy * x.transpose();
-      } else {  // row blocks of dW: each part sums over the whole batch, no reduction needed
-        detail::parallel_parts(parts, [&](Index p) {
-          const auto [r0, r1] = detail::part_range(rows, parts, p);
-          m_weight.grad.middleRows(r0, r1 - r0).noalias() += dy.middleRows(r0, r1 - r0) * x.transpose();
-        });
-      }
+      // Row blocks of dW: each sums over the whole batch, so no reduction is needed.
+      detail::parallel_blocks(out_features(), 32, [&](Index r, Index h) {
+        m_weight.grad.middleRows(r, h).noalias() += dy.middleRows(r, h) * x.transpose();
+      });
     }
     if (m_has_bias && m_bias.wants_grad()) m_bias.grad.col(0) += dy.rowwise().sum();
   }
@@ -215,16 +204,10 @@ class Linear {
 
   void compute(const ConstRef<Scalar>& x, MatrixType& y) {
     check_input("forward", x);
-    const Index n = x.cols(), parts = detail::parts_for(n);
-    if (parts == 1) {
-      y.noalias() = m_weight.value * x;
-    } else {  // column blocks of the batch on rankwise's threads (core/parallel.hpp)
-      y.resize(out_features(), n);
-      detail::parallel_parts(parts, [&](Index p) {
-        const auto [c0, c1] = detail::part_range(n, parts, p);
-        y.middleCols(c0, c1 - c0).noalias() = m_weight.value * x.middleCols(c0, c1 - c0);
-      });
-    }
+    y.resize(out_features(), x.cols());
+    detail::parallel_blocks(x.cols(), 128, [&](Index c, Index w) {  // column blocks of the batch (core/parallel.hpp)
+      y.middleCols(c, w).noalias() = m_weight.value * x.middleCols(c, w);
+    });
     if (m_has_bias) y.colwise() += m_bias.value.col(0);
     m_cached_cols = m_training ? x.cols() : -1;
   }
