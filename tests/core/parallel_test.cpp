@@ -1,11 +1,15 @@
-// Tests for rankwise/core/parallel.hpp: the sleeping worker pool, the fixed cut of the work, and a
-// Linear layer split over threads (the same numbers run after run, close to one thread's, and exact
-// gradients).
+// Tests for rankwise/core/parallel.hpp: the sleeping worker pool, the fixed cut of the work, and the
+// layers that split their work over threads (Linear, attention, LayerNorm, GELU, LoRA): the same
+// numbers run after run, close to one thread's, and exact gradients.
+#include <rankwise/adapters/lora.hpp>
 #include <rankwise/core/parallel.hpp>
+#include <rankwise/layers/gelu.hpp>
+#include <rankwise/layers/layer_norm.hpp>
 #include <rankwise/layers/linear.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
+#include "support/stacked_attention.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -126,4 +130,76 @@ TEST_CASE("Linear on 2 threads: deterministic, equal to 1 thread up to rounding,
   rankwise::set_num_threads(1);
   const auto whole = linear_step(small, xs, dys);
   for (std::size_t i = 0; i < whole.size(); ++i) CHECK_THAT(split[i], rankwise::test_support::IsCloseTo<double>(whole[i], 1e-12, 1e-12));
+}
+
+namespace {
+// One step of any layer from zero gradients: y, dx and the gradient of every trainable parameter.
+template <rankwise::Layer L>
+std::vector<rankwise::Matrix<typename L::Scalar>> any_step(L& layer, const rankwise::Matrix<typename L::Scalar>& x,
+                                                           const rankwise::Matrix<typename L::Scalar>& dy) {
+  layer.zero_grad();
+  rankwise::Matrix<typename L::Scalar> y, dx;
+  layer.forward(x, y);
+  layer.backward(dy, dx);
+  std::vector<rankwise::Matrix<typename L::Scalar>> out = {y, dx};
+  for (auto* p : layer.parameters())
+    if (p->trainable) out.push_back(p->grad);
+  return out;
+}
+
+// On 2 and 3 threads: bit for bit the same twice, close to 1 thread, and gradients exact against
+// finite differences.
+template <rankwise::Layer L>
+void check_split_layer(L& layer, rankwise::Index columns, rankwise::Random& rng) {
+  const auto x = rankwise::test_support::random_matrix<double>(layer.in_features(), columns, rng);
+  const auto dy = rankwise::test_support::random_matrix<double>(layer.out_features(), columns, rng);
+  rankwise::set_num_threads(1);
+  const auto one = any_step(layer, x, dy);
+  for (int threads : {2, 3}) {
+    rankwise::set_num_threads(threads);
+    const auto split = any_step(layer, x, dy);
+    const auto again = any_step(layer, x, dy);
+    REQUIRE(split.size() == one.size());
+    for (std::size_t i = 0; i < one.size(); ++i) {
+      INFO(threads << " threads, output " << i << " (y, dx, then the parameters' gradients)");
+      CHECK(rankwise::test_support::same_bits(split[i], again[i]));
+      CHECK_THAT(split[i], rankwise::test_support::IsCloseTo<double>(one[i], 1e-12, 1e-12));
+    }
+    // h = 1e-5: the losses sum thousands of terms, whose rounding over h = 1e-6 reaches 2e-6.
+    const auto result = rankwise::testing::check_gradients(layer, x, rng, {.step = 1e-5});
+    INFO(threads << " threads: " << result.worst);
+    CHECK(result.max_error < 1e-6);
+  }
+}
+}  // namespace
+
+TEST_CASE("Attention, LayerNorm, GELU and LoRA on 2 and 3 threads: deterministic, close to 1 thread, exact gradients",
+          "[core][parallel][layers][gradcheck]") {
+  ThreadsGuard guard;
+  rankwise::Random rng(12);
+  rankwise::set_num_threads(2);
+  // Shapes large enough that every split happens: 8 (sequence, head) pairs of at least 4, 192
+  // columns in blocks of at least 64 for the elementwise layers, 256 columns in blocks of at least
+  // 128 and 64 rows in blocks of at least 32 for LoRA's products.
+  REQUIRE(rankwise::detail::parts_for(8, 4) == 2);
+  REQUIRE(rankwise::detail::parts_for(192, 64) == 2);
+  SECTION("attention over (sequence, head) pairs") {
+    rankwise::test_support::StackedAttention<double> attention(8, 2, 6);
+    check_split_layer(attention, 24, rng);
+  }
+  SECTION("LayerNorm over column blocks") {
+    rankwise::LayerNorm<double> norm(6);
+    norm.gamma().value = rankwise::test_support::random_matrix<double>(6, 1, rng);
+    check_split_layer(norm, 192, rng);
+  }
+  SECTION("GELU over column blocks") {
+    rankwise::GELU<double> gelu(5);
+    check_split_layer(gelu, 192, rng);
+  }
+  SECTION("LoRA: its branch over column blocks, dA and dB over blocks of their rows and columns") {
+    rankwise::LoRA<double> lora(rankwise::Linear<double>(64, 64, rng), {.rank = 4, .alpha = 8.0}, rng);
+    auto parameters = lora.parameters();
+    parameters.back()->value = rankwise::test_support::random_matrix<double>(64, 4, rng);  // B = 0 would hide dA
+    check_split_layer(lora, 256, rng);
+  }
 }

@@ -8,6 +8,7 @@
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
+#include "support/stacked_attention.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -20,45 +21,7 @@ using rankwise::Random;
 using rankwise::test_support::is_close_to;
 using rankwise::test_support::random_matrix;
 
-namespace {
-// Attention as a Layer on the stacked input [q; k; v] (3d x n), so the generic checker applies.
-class StackedAttention {
- public:
-  using Scalar = double;
-  // borrow: q, k, v are copied into buffers of this object, which forward_borrowed() keeps references to.
-  StackedAttention(Index d, Index heads, Index seq_len, bool borrow = false)
-      : m_attention(d, heads), m_d(d), m_seq_len(seq_len), m_borrow(borrow) {}
-  Index in_features() const { return 3 * m_d; }
-  Index out_features() const { return m_d; }
-  void forward(const rankwise::ConstRef<double>& x, Matrix<double>& y) {
-    if (!m_borrow) {
-      m_attention.forward(x.topRows(m_d), x.middleRows(m_d, m_d), x.bottomRows(m_d), m_seq_len, y);
-      return;
-    }
-    m_q = x.topRows(m_d);
-    m_k = x.middleRows(m_d, m_d);
-    m_v = x.bottomRows(m_d);
-    m_attention.forward_borrowed(m_q, m_k, m_v, m_seq_len, y);
-  }
-  void backward(const rankwise::ConstRef<double>& dy, Matrix<double>& dx) {
-    Matrix<double> dq, dk, dv;
-    m_attention.backward(dy, dq, dk, dv);
-    dx.resize(3 * m_d, dy.cols());
-    dx << dq, dk, dv;
-  }
-  std::vector<rankwise::Parameter<double>*> parameters() { return {}; }
-  void set_training(bool t) { m_attention.set_training(t); }
-  bool is_training() const { return m_attention.is_training(); }
-  void zero_grad() {}
-  rankwise::CausalSelfAttention<double> m_attention;
-
- private:
-  Index m_d, m_seq_len;
-  bool m_borrow;
-  Matrix<double> m_q, m_k, m_v;
-};
-static_assert(rankwise::Layer<StackedAttention>);
-}  // namespace
+using StackedAttention = rankwise::test_support::StackedAttention<double>;
 
 TEST_CASE("LayerNorm: normalises every token and matches finite differences", "[layers][layer_norm][gradcheck]") {
   Random rng(1);

@@ -15,6 +15,7 @@
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/core/layer.hpp>
+#include <rankwise/core/parallel.hpp>
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/random.hpp>
 #include <rankwise/core/types.hpp>
@@ -222,13 +223,7 @@ class LoRA {
     if (m_probe.armed) accumulate_probe(dy);
     m_base.backward(dy, dx);
     if (!branch_active()) return;
-    branch_parameter_gradients(dy);
-    if (m_training && m_options.dropout > 0.0) {
-      m_dx_branch.noalias() = m_A.value.transpose() * m_t;
-      dx.array() += m_dx_branch.array() * m_mask.array();
-    } else {
-      dx.noalias() += m_A.value.transpose() * m_t;
-    }
+    branch_backward(dy, &dx);
   }
 
   /// Like backward() without dx: accumulates dA and dB only, for a caller that needs no input
@@ -236,7 +231,7 @@ class LoRA {
   void backward_parameters_only(const ConstRef<Scalar>& dy) {
     check_backward(dy);
     if (m_probe.armed) accumulate_probe(dy);
-    if (branch_active()) branch_parameter_gradients(dy);
+    if (branch_active()) branch_backward(dy, nullptr);
   }
 
   /// The frozen base parameters (flagged non-trainable), then lora_A and lora_B.
@@ -425,12 +420,24 @@ class LoRA {
     } else if (m_training) {
       m_x = x;
     }
+    m_u.resize(rank(), x.cols());
     if (drop || (m_training && !borrow))
-      m_u.noalias() = m_A.value * m_x;
+      branch_forward(m_x, y);
     else
-      m_u.noalias() = m_A.value * x;
-    if (!m_unit_gates) m_u.array().colwise() *= m_gates.array();
-    y.noalias() += Scalar(scale()) * (m_B.value * m_u);
+      branch_forward(x, y);
+  }
+
+  /// u = diag(g) A x and y += s B u, over column blocks of the batch on rankwise's threads
+  /// (core/parallel.hpp).
+  template <typename Input>
+  void branch_forward(const Input& x, MatrixType& y) {
+    const Scalar s = Scalar(scale());
+    detail::parallel_blocks(x.cols(), 128, [&](Index c, Index w) {
+      auto u = m_u.middleCols(c, w);
+      u.noalias() = m_A.value * x.middleCols(c, w);
+      if (!m_unit_gates) u.array().colwise() *= m_gates.array();
+      y.middleCols(c, w).noalias() += s * (m_B.value * u);
+    });
   }
 
   void check_backward(const ConstRef<Scalar>& dy) const {
@@ -443,20 +450,50 @@ class LoRA {
                    " like the forward output (got ", dy.rows(), " x ", dy.cols(), ")");
   }
 
-  /// dB += s dy u^T, t = diag(g) s B^T dy, dA += t x^T (x: the branch's input of the forward).
-  void branch_parameter_gradients(const ConstRef<Scalar>& dy) {
+  /// t = diag(g) s B^T dy and dx += A^T t (masked with dropout; skipped when dx is null) over column
+  /// blocks of the batch, then dB += s dy u^T (row blocks) and dA += t x^T (column blocks; x: the
+  /// branch's input of the forward) as the parts of one job: no part sums what another writes.
+  void branch_backward(const ConstRef<Scalar>& dy, MatrixType* dx) {
     const Scalar s = Scalar(scale());
-    if (m_B.wants_grad()) m_B.grad.noalias() += s * (dy * m_u.transpose());
-    // r x n: dL/d(gated U), scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
-    m_t.noalias() = m_B.value.transpose() * dy;
-    m_t *= s;
-    if (!m_unit_gates) m_t.array().colwise() *= m_gates.array();
-    if (m_A.wants_grad()) {
-      const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
-      if (x.cols() != dy.cols() || x.rows() != in_features())
-        detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
-      m_A.grad.noalias() += m_t * x.transpose();
-    }
+    const bool masked = m_training && m_options.dropout > 0.0;
+    m_t.resize(rank(), dy.cols());
+    if (masked && dx) m_dx_branch.resize(in_features(), dy.cols());
+    detail::parallel_blocks(dy.cols(), 128, [&](Index c, Index w) {
+      auto t = m_t.middleCols(c, w);
+      // Scaled apart: at r = 1 Eigen would copy a scaled operand to the heap.
+      t.noalias() = m_B.value.transpose() * dy.middleCols(c, w);
+      t *= s;
+      if (!m_unit_gates) t.array().colwise() *= m_gates.array();
+      if (!dx) return;
+      if (masked) {
+        auto branch = m_dx_branch.middleCols(c, w);
+        branch.noalias() = m_A.value.transpose() * t;
+        dx->middleCols(c, w).array() += branch.array() * m_mask.middleCols(c, w).array();
+      } else
+        dx->middleCols(c, w).noalias() += m_A.value.transpose() * t;
+    });
+    const bool grad_B = m_B.wants_grad(), grad_A = m_A.wants_grad();
+    const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
+    if (grad_A && (x.cols() != dy.cols() || x.rows() != in_features()))
+      detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
+    const Index parts = std::min(detail::parts_for(out_features(), 32), detail::parts_for(in_features(), 32));
+    if (grad_A) m_dA_t.resize(in_features(), rank());
+    auto gradients = [&](Index p) {
+      if (grad_B) {
+        const auto [r, end] = detail::part_range(out_features(), parts, p, 8);
+        m_B.grad.middleRows(r, end - r).noalias() += s * (dy.middleRows(r, end - r) * m_u.transpose());
+      }
+      if (grad_A) {  // as (dA)^T = x t^T: twice as fast as t x^T, whose packing reads x across its columns
+        const auto [c, end] = detail::part_range(in_features(), parts, p, 8);
+        auto rows = m_dA_t.middleRows(c, end - c);
+        rows.noalias() = x.middleRows(c, end - c) * m_t.transpose();
+        m_A.grad.middleCols(c, end - c) += rows.transpose();
+      }
+    };
+    if (parts == 1)
+      gradients(0);
+    else
+      detail::parallel_parts(parts, gradients);
   }
 
   void capture_probe_input(const ConstRef<Scalar>& x) {
@@ -525,7 +562,8 @@ class LoRA {
   MatrixType m_mask;       // dropout mask scaled by 1/(1-p), in x n
   MatrixType m_u;          // diag(g) A x, r x n
   MatrixType m_t;          // diag(g) s B^T dy, r x n
-  MatrixType m_dx_branch;  // A^T t before the mask, in x n
+  MatrixType m_dx_branch;  // A^T t before the dropout mask, in x n
+  MatrixType m_dA_t;       // this batch's dA, transposed (in x r)
   struct GradientProbe {
     bool armed = false;
     Index cols = -1;  // columns of the batch whose input was captured

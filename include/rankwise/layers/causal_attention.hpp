@@ -14,10 +14,12 @@
 /// (forward) or references to the caller's q, k, v (forward_borrowed). Docs: docs/layers/attention.md
 
 #include <rankwise/core/error.hpp>
+#include <rankwise/core/parallel.hpp>
 #include <rankwise/core/types.hpp>
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace rankwise {
 
@@ -81,27 +83,35 @@ class CausalSelfAttention {
     if (dout.rows() != m_d || dout.cols() != m_cols)
       detail::fail("rankwise::CausalSelfAttention", "backward: dout must be ", m_d, " x ", m_cols, " (got ",
                    dout.rows(), " x ", dout.cols(), ")");
-    const Index n = m_cols, T = m_seq_len, dh = head_dim(), batches = n / T;
+    const Index n = m_cols, T = m_seq_len, dh = head_dim(), pairs = (n / T) * m_heads;
     const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
     dq.resize(m_d, n);
     dk.resize(m_d, n);
     dv.resize(m_d, n);
-    m_dS.resize(T, T);
-    for (Index b = 0; b < batches; ++b)
-      for (Index h = 0; h < m_heads; ++h) {
-        const auto P = m_P.middleCols((b * m_heads + h) * T, T);
+    const Index parts = prepare_scratch(pairs, T);
+    // Each (sequence, head) pair is independent: parts of consecutive pairs, one scratch per part.
+    auto part = [&](Index p) {
+      const auto [first, last] = detail::part_range(pairs, parts, p, 1);
+      Scratch& scratch = m_scratch[std::size_t(p)];
+      MatrixType& dS = scratch.matrix;
+      for (Index pair = first; pair < last; ++pair) {
+        const Index b = pair / m_heads, h = pair % m_heads;
+        const auto P = m_P.middleCols(pair * T, T);
         const auto dO = dout.block(h * dh, b * T, dh, T);
         dv.block(h * dh, b * T, dh, T).noalias() = dO * P.transpose();
-        m_dS.noalias() = v.block(h * dh, b * T, dh, T).transpose() * dO;  // dP
-        for (Index i = 0; i < T; ++i) {
-          auto col = m_dS.col(i);
-          const Scalar dot = P.col(i).head(i + 1).dot(col.head(i + 1));
-          col.head(i + 1) = (P.col(i).head(i + 1).array() * (col.head(i + 1).array() - dot)) * scale;
-          col.tail(T - i - 1).setZero();
-        }
-        dq.block(h * dh, b * T, dh, T).noalias() = k.block(h * dh, b * T, dh, T) * m_dS;
-        dk.block(h * dh, b * T, dh, T).noalias() = q.block(h * dh, b * T, dh, T) * m_dS.transpose();
+        dS.noalias() = v.block(h * dh, b * T, dh, T).transpose() * dO;  // dP
+        // dS_:i = P_:i (dP_:i - P_:i . dP_:i) / sqrt(dh); P is exactly 0 above the causal limit, so
+        // whole columns are computed at once and the masked entries stay 0.
+        scratch.row.noalias() = (P.array() * dS.array()).matrix().colwise().sum();
+        dS.array() = P.array() * (dS.array().rowwise() - scratch.row.array()) * scale;
+        dq.block(h * dh, b * T, dh, T).noalias() = k.block(h * dh, b * T, dh, T) * dS;
+        dk.block(h * dh, b * T, dh, T).noalias() = q.block(h * dh, b * T, dh, T) * dS.transpose();
       }
+    };
+    if (parts == 1)
+      part(0);
+    else
+      detail::parallel_parts(parts, part);
   }
 
   /// The attention weights of the last forward: column i of block (b, h) is query i's distribution.
@@ -111,13 +121,16 @@ class CausalSelfAttention {
   void compute(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v, Index seq_len,
                MatrixType& o) {
     check_inputs(q, k, v, seq_len);
-    const Index n = q.cols(), T = seq_len, dh = head_dim(), batches = n / T;
+    const Index n = q.cols(), T = seq_len, dh = head_dim(), pairs = (n / T) * m_heads;
     const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
-    m_P.resize(T, batches * m_heads * T);
+    m_P.resize(T, pairs * T);
     o.resize(m_d, n);
-    for (Index b = 0; b < batches; ++b)
-      for (Index h = 0; h < m_heads; ++h) {
-        auto P = m_P.middleCols((b * m_heads + h) * T, T);
+    const Index parts = prepare_scratch(pairs, T);
+    auto part = [&](Index p) {
+      const auto [first, last] = detail::part_range(pairs, parts, p, 1);
+      for (Index pair = first; pair < last; ++pair) {
+        const Index b = pair / m_heads, h = pair % m_heads;
+        auto P = m_P.middleCols(pair * T, T);
         P.noalias() = k.block(h * dh, b * T, dh, T).transpose() * q.block(h * dh, b * T, dh, T);
         for (Index i = 0; i < T; ++i) {  // column i: query i over keys 0..i
           auto col = P.col(i);
@@ -128,8 +141,26 @@ class CausalSelfAttention {
         }
         o.block(h * dh, b * T, dh, T).noalias() = v.block(h * dh, b * T, dh, T) * P;
       }
+    };
+    if (parts == 1)
+      part(0);
+    else
+      detail::parallel_parts(parts, part);
     m_seq_len = m_training ? T : -1;
     m_cols = n;
+  }
+
+  /// The cut of `pairs` (sequence, head) pairs into parts (one per thread, at least 4 pairs each)
+  /// and a scratch per part, allocated only when the shapes change.
+  Index prepare_scratch(Index pairs, Index T) {
+    const Index parts = detail::parts_for(pairs, 4);
+    if (Index(m_scratch.size()) < parts) m_scratch.resize(std::size_t(parts));
+    for (Index p = 0; p < parts; ++p) {
+      Scratch& scratch = m_scratch[std::size_t(p)];
+      scratch.matrix.resize(T, T);
+      scratch.row.resize(1, T);
+    }
+    return parts;
   }
 
   void check_inputs(const ConstRef<Scalar>& q, const ConstRef<Scalar>& k, const ConstRef<Scalar>& v,
@@ -147,7 +178,12 @@ class CausalSelfAttention {
   bool m_training = true;
   Index m_seq_len = -1;
   Index m_cols = 0;
-  MatrixType m_P, m_dS, m_q, m_k, m_v;  // m_q, m_k, m_v: copies made by forward()
+  MatrixType m_P, m_q, m_k, m_v;  // m_q, m_k, m_v: copies made by forward()
+  struct Scratch {
+    MatrixType matrix;                             // dP, then dS, of one pair (backward)
+    Eigen::Matrix<Scalar, 1, Eigen::Dynamic> row;  // column maxima, sums or dot products
+  };
+  std::vector<Scratch> m_scratch;  // one per part of the cut (core/parallel.hpp)
   struct Borrowed {
     const MatrixType* q = nullptr;
     const MatrixType* k = nullptr;

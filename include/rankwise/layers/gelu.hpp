@@ -9,6 +9,7 @@
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/layer.hpp>
+#include <rankwise/core/parallel.hpp>
 #include <rankwise/core/types.hpp>
 
 #include <unsupported/Eigen/SpecialFunctions>  // vectorised erf (Eigen's own module, shipped with it)
@@ -41,15 +42,22 @@ class GELU {
     const Scalar inv_sqrt2 = Scalar(1.0 / std::numbers::sqrt2);
     m_cached = m_training;
     if (!m_training) {
-      y.array() = x.array() * (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);
       m_dydx.resize(0, 0);
+      detail::parallel_blocks(x.cols(), 64, [&](Index c, Index w) {  // column blocks (core/parallel.hpp)
+        const auto in = x.middleCols(c, w).array();
+        y.middleCols(c, w).array() = in * (Scalar(1) + (in * inv_sqrt2).erf()) * Scalar(0.5);
+      });
       return;
     }
     const Scalar inv_sqrt2pi = Scalar(1.0 / std::sqrt(2.0 * std::numbers::pi));
     m_dydx.resize(x.rows(), x.cols());
-    m_dydx.array() = (Scalar(1) + (x.array() * inv_sqrt2).erf()) * Scalar(0.5);  // Phi(x)
-    y.array() = x.array() * m_dydx.array();
-    m_dydx.array() += x.array() * (x.array().square() * Scalar(-0.5)).exp() * inv_sqrt2pi;
+    detail::parallel_blocks(x.cols(), 64, [&](Index c, Index w) {
+      const auto in = x.middleCols(c, w).array();
+      auto dydx = m_dydx.middleCols(c, w).array();
+      dydx = (Scalar(1) + (in * inv_sqrt2).erf()) * Scalar(0.5);  // Phi(x)
+      y.middleCols(c, w).array() = in * dydx;
+      dydx += in * (in.square() * Scalar(-0.5)).exp() * inv_sqrt2pi;
+    });
   }
 
   void backward(const ConstRef<Scalar>& dy, MatrixType& dx) {
@@ -58,7 +66,9 @@ class GELU {
       detail::fail("rankwise::GELU", "backward: dy must be ", m_dydx.rows(), " x ", m_dydx.cols(), " (got ",
                    dy.rows(), " x ", dy.cols(), ")");
     dx.resize(dy.rows(), dy.cols());
-    dx.array() = dy.array() * m_dydx.array();
+    detail::parallel_blocks(dy.cols(), 64, [&](Index c, Index w) {
+      dx.middleCols(c, w).array() = dy.middleCols(c, w).array() * m_dydx.middleCols(c, w).array();
+    });
   }
 
   std::vector<Parameter<Scalar>*> parameters() { return {}; }

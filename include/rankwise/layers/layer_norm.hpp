@@ -13,6 +13,7 @@
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/layer.hpp>
+#include <rankwise/core/parallel.hpp>
 #include <rankwise/core/parameter.hpp>
 #include <rankwise/core/types.hpp>
 
@@ -63,15 +64,19 @@ class LayerNorm {
     const Index d = x.rows(), n = x.cols();
     m_xhat.resize(d, n);
     m_inv_std.resize(n);
-    for (Index t = 0; t < n; ++t) {
-      const Scalar mu = x.col(t).mean();
-      m_xhat.col(t) = x.col(t).array() - mu;
-      const Scalar var = m_xhat.col(t).squaredNorm() / Scalar(d);
-      m_inv_std(t) = Scalar(1) / std::sqrt(var + Scalar(m_eps));
-      m_xhat.col(t) *= m_inv_std(t);
-    }
     y.resize(d, n);
-    y.array() = (m_xhat.array().colwise() * m_gamma.value.col(0).array()).colwise() + m_beta.value.col(0).array();
+    detail::parallel_blocks(n, 64, [&](Index c, Index w) {  // column blocks (core/parallel.hpp)
+      for (Index t = c; t < c + w; ++t) {
+        const Scalar mu = x.col(t).mean();
+        m_xhat.col(t) = x.col(t).array() - mu;
+        const Scalar var = m_xhat.col(t).squaredNorm() / Scalar(d);
+        m_inv_std(t) = Scalar(1) / std::sqrt(var + Scalar(m_eps));
+        m_xhat.col(t) *= m_inv_std(t);
+      }
+      y.middleCols(c, w).array() =
+          (m_xhat.middleCols(c, w).array().colwise() * m_gamma.value.col(0).array()).colwise() +
+          m_beta.value.col(0).array();
+    });
     m_cached_cols = m_training ? n : -1;
   }
 
@@ -86,13 +91,15 @@ class LayerNorm {
     if (m_beta.wants_grad()) m_beta.grad.col(0) += dy.rowwise().sum();
     dx.resize(d, n);
     const Scalar inv_d = Scalar(1) / Scalar(d);
-    for (Index t = 0; t < n; ++t) {
-      // g = gamma ⊙ dy, written straight into dx's column.
-      dx.col(t).array() = m_gamma.value.col(0).array() * dy.col(t).array();
-      const Scalar mean_g = dx.col(t).sum() * inv_d;
-      const Scalar mean_gx = dx.col(t).dot(m_xhat.col(t)) * inv_d;
-      dx.col(t).array() = (dx.col(t).array() - mean_g - m_xhat.col(t).array() * mean_gx) * m_inv_std(t);
-    }
+    detail::parallel_blocks(n, 64, [&](Index c, Index w) {
+      for (Index t = c; t < c + w; ++t) {
+        // g = gamma ⊙ dy, written straight into dx's column.
+        dx.col(t).array() = m_gamma.value.col(0).array() * dy.col(t).array();
+        const Scalar mean_g = dx.col(t).sum() * inv_d;
+        const Scalar mean_gx = dx.col(t).dot(m_xhat.col(t)) * inv_d;
+        dx.col(t).array() = (dx.col(t).array() - mean_g - m_xhat.col(t).array() * mean_gx) * m_inv_std(t);
+      }
+    });
   }
 
   std::vector<Parameter<Scalar>*> parameters() { return {&m_gamma, &m_beta}; }
