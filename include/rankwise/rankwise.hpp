@@ -28,6 +28,7 @@
 #include <rankwise/models/trainer_state.hpp>
 
 #include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/bora.hpp>
 #include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/factory.hpp>
 #include <rankwise/adapters/kinds.hpp>

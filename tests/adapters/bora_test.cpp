@@ -1,0 +1,274 @@
+// Tests for rankwise/adapters/bora.hpp: the routed forward and backward against a column-by-column
+// reference, finite differences of the data and prior terms in double, both forward modes and both
+// priors, threads, one task as a plain LoRA, and bad input.
+#include <rankwise/adapters/bora.hpp>
+#include <rankwise/core/parallel.hpp>
+#include <rankwise/testing/gradient_check.hpp>
+
+#include "support/matchers.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+using rankwise::BoRA;
+using rankwise::BoRAForward;
+using rankwise::BoRAOptions;
+using rankwise::BoRAPrior;
+using rankwise::Index;
+using rankwise::Linear;
+using rankwise::Matrix;
+using rankwise::Random;
+using rankwise::TaskRouting;
+using rankwise::test_support::is_close_to;
+using rankwise::test_support::random_matrix;
+
+namespace {
+// Columns of three tasks, not contiguous and not in order: runs 0 0 | 2 | 1 1 1 | 0 | 2 2 | 1.
+const std::vector<std::int32_t> kMixedTasks = {0, 0, 2, 1, 1, 1, 0, 2, 2, 1};
+
+// Every factor random (B_Θ = 0 and θ_d ≈ Θ at init would hide bugs in the gradients).
+void randomize_bora(BoRA<double>& bora, Random& rng) {
+  bora.global_A_parameter().value = random_matrix<double>(bora.rank(), bora.in_features(), rng);
+  bora.global_B_parameter().value = random_matrix<double>(bora.out_features(), bora.rank(), rng);
+  for (Index d = 0; d < bora.tasks(); ++d) {
+    bora.A_parameter(d).value = random_matrix<double>(bora.rank(), bora.in_features(), rng);
+    bora.B_parameter(d).value = random_matrix<double>(bora.out_features(), bora.rank(), rng);
+  }
+}
+
+BoRA<double> make_bora(BoRAForward forward, BoRAPrior prior, Random& rng, Index in = 6, Index out = 5) {
+  BoRA<double> bora(Linear<double>(in, out, rng), {.tasks = 3, .rank = 2, .alpha = 3.0, .tau = 0.7, .prior = prior,
+                                                   .forward = forward},
+                    rng);
+  randomize_bora(bora, rng);
+  return bora;
+}
+
+// The delta one column sees, formed densely: s B_d A_d (Joined: + s B_Θ A_Θ).
+Matrix<double> column_delta(const BoRA<double>& bora, Index task) {
+  Matrix<double> delta = bora.scale() * (bora.B(task) * bora.A(task));
+  if (bora.options().forward == BoRAForward::Joined) delta += bora.scale() * (bora.global_B() * bora.global_A());
+  return delta;
+}
+}  // namespace
+
+TEST_CASE("BoRA: the routed forward and backward equal a column-by-column reference, in both modes",
+          "[adapters][bora]") {
+  for (BoRAForward mode : {BoRAForward::Task, BoRAForward::Joined}) {
+    INFO("mode " << (mode == BoRAForward::Task ? "Task" : "Joined"));
+    Random rng(31);
+    BoRA<double> bora = make_bora(mode, BoRAPrior::Squared, rng);
+    const TaskRouting routing(kMixedTasks, 3);
+    REQUIRE(routing.runs().size() == 6);
+    CHECK(routing.columns_of(1) == 4);
+    bora.set_routing(routing);
+    const Index n = Index(kMixedTasks.size());
+    const Matrix<double> x = random_matrix<double>(6, n, rng), dy = random_matrix<double>(5, n, rng);
+    Matrix<double> y, dx;
+    bora.zero_grad();
+    bora.forward(x, y);
+    bora.backward(dy, dx);
+    const Matrix<double>& W = bora.base().weight();
+    const double s = bora.scale();
+    std::vector<Matrix<double>> dA(3, Matrix<double>::Zero(2, 6)), dB(3, Matrix<double>::Zero(5, 2));
+    Matrix<double> dA_global = Matrix<double>::Zero(2, 6), dB_global = Matrix<double>::Zero(5, 2);
+    for (Index j = 0; j < n; ++j) {
+      const Index d = kMixedTasks[std::size_t(j)];
+      const Matrix<double> expected_y = W * x.col(j) + bora.base().bias() + column_delta(bora, d) * x.col(j);
+      CHECK_THAT(Matrix<double>(y.col(j)), is_close_to(expected_y, 1e-13, 1e-13));
+      const Matrix<double> expected_dx = (W + column_delta(bora, d)).transpose() * dy.col(j);
+      CHECK_THAT(Matrix<double>(dx.col(j)), is_close_to(expected_dx, 1e-13, 1e-13));
+      dB[std::size_t(d)] += s * dy.col(j) * (bora.A(d) * x.col(j)).transpose();
+      dA[std::size_t(d)] += s * (bora.B(d).transpose() * dy.col(j)) * x.col(j).transpose();
+      dB_global += s * dy.col(j) * (bora.global_A() * x.col(j)).transpose();
+      dA_global += s * (bora.global_B().transpose() * dy.col(j)) * x.col(j).transpose();
+    }
+    for (Index d = 0; d < 3; ++d) {
+      CHECK_THAT(bora.A_parameter(d).grad, is_close_to(dA[std::size_t(d)], 1e-12, 1e-12));
+      CHECK_THAT(bora.B_parameter(d).grad, is_close_to(dB[std::size_t(d)], 1e-12, 1e-12));
+    }
+    if (mode == BoRAForward::Joined) {  // Θ learns from every task's columns
+      CHECK_THAT(bora.global_A_parameter().grad, is_close_to(dA_global, 1e-12, 1e-12));
+      CHECK_THAT(bora.global_B_parameter().grad, is_close_to(dB_global, 1e-12, 1e-12));
+    } else {  // Θ sees no data, only the prior
+      CHECK(bora.global_A_parameter().grad.isZero(0.0));
+      CHECK(bora.global_B_parameter().grad.isZero(0.0));
+    }
+  }
+}
+
+TEST_CASE("BoRA: data gradients match finite differences in double (both modes)", "[adapters][bora][gradcheck]") {
+  for (BoRAForward mode : {BoRAForward::Task, BoRAForward::Joined}) {
+    Random rng(32);
+    BoRA<double> bora = make_bora(mode, BoRAPrior::Squared, rng);
+    bora.set_routing(TaskRouting(kMixedTasks, 3));
+    const Matrix<double> x = random_matrix<double>(6, Index(kMixedTasks.size()), rng);
+    const auto result = rankwise::testing::check_gradients(bora, x, rng);
+    INFO(result.worst);
+    CHECK(result.max_error < 1e-7);
+    CHECK(result.checked_values > 0);
+  }
+}
+
+TEST_CASE("BoRA: the prior's gradient matches finite differences of its value, for both priors and modes",
+          "[adapters][bora][gradcheck]") {
+  for (BoRAForward mode : {BoRAForward::Task, BoRAForward::Joined})
+    for (BoRAPrior prior : {BoRAPrior::Squared, BoRAPrior::Unsquared}) {
+      INFO("mode " << int(mode) << ", prior " << int(prior));
+      Random rng(33);
+      BoRA<double> bora = make_bora(mode, prior, rng);
+      bora.zero_grad();
+      const double value = bora.add_prior_gradient();
+      CHECK(value == Approx(bora.prior_penalty()).epsilon(1e-15));
+      CHECK(value > 0.0);
+      const double h = 1e-6;
+      double worst = 0.0;
+      for (auto* p : bora.parameters()) {
+        if (!p->trainable) continue;
+        for (Index i = 0; i < p->value.size(); ++i) {
+          double& slot = p->value.data()[i];
+          const double saved = slot;
+          slot = saved + h;
+          const double plus = bora.prior_penalty();
+          slot = saved - h;
+          const double minus = bora.prior_penalty();
+          slot = saved;
+          worst = std::max(worst, std::abs((plus - minus) / (2 * h) - p->grad.data()[i]));
+        }
+      }
+      CHECK(worst < 1e-7);
+      if (mode == BoRAForward::Joined) CHECK(bora.global_A_parameter().grad.isZero(0.0));
+    }
+}
+
+TEST_CASE("BoRA: tau = 0 leaves the tasks independent, and the prior pulls each task toward the mean",
+          "[adapters][bora]") {
+  Random rng(34);
+  BoRA<double> bora = make_bora(BoRAForward::Task, BoRAPrior::Squared, rng);
+  bora.set_tau(0.0);
+  bora.zero_grad();
+  CHECK(bora.add_prior_gradient() == 0.0);
+  for (auto* p : bora.parameters())
+    if (p->trainable) CHECK(p->grad.isZero(0.0));
+  // A task with no column in the batch gets no data gradient.
+  bora.set_routing(TaskRouting(std::vector<std::int32_t>{0, 0, 2, 2}, 3));
+  Matrix<double> y, dx;
+  bora.forward(random_matrix<double>(6, 4, rng), y);
+  bora.backward(random_matrix<double>(5, 4, rng), dx);
+  CHECK(bora.A_parameter(1).grad.isZero(0.0));
+  CHECK(bora.B_parameter(1).grad.isZero(0.0));
+  CHECK_FALSE(bora.A_parameter(0).grad.isZero(0.0));
+  // Θ at the mean of the tasks makes the squared prior's gradient of Θ zero.
+  bora.set_tau(2.0);
+  bora.set_global_to_mean();
+  bora.zero_grad();
+  bora.add_prior_gradient();
+  CHECK(bora.global_A_parameter().grad.norm() < 1e-12);
+  CHECK(bora.global_B_parameter().grad.norm() < 1e-12);
+  CHECK(bora.distance_from_global(0) > 0.0);
+}
+
+TEST_CASE("BoRA: initialisation is Θ like a LoRA plus seeded noise per task, and deterministic", "[adapters][bora]") {
+  Random rng(35), again(35);
+  const BoRAOptions options{.tasks = 4, .rank = 3, .alpha = 6.0, .tau = 1.0, .init_noise = 1e-3};
+  BoRA<double> a(Linear<double>(8, 7, rng), options, rng), b(Linear<double>(8, 7, again), options, again);
+  CHECK(a.global_B().isZero(0.0));
+  CHECK_FALSE(a.global_A().isZero(0.0));
+  for (Index d = 0; d < 4; ++d) {
+    CHECK(a.A(d) == b.A(d));
+    const double distance = a.distance_from_global(d);
+    CHECK(distance > 0.0);
+    CHECK(distance < 1e-3 * std::sqrt(3.0 * 15.0) * 3.0);  // about the sd times the root of the count
+  }
+  CHECK(a.A(0) != a.A(1));
+  CHECK(a.trainable_parameter_count() == 5 * 3 * (8 + 7));
+  a.set_path("layers.0.q");
+  CHECK(a.A_parameter(2).name == "layers.0.q.bora_task.2.lora_A.weight");
+  CHECK(a.global_B_parameter().name == "layers.0.q.bora_global.lora_B.weight");
+}
+
+TEST_CASE("BoRA: one task's adapter is a plain LoRA computing the same outputs (both modes)", "[adapters][bora]") {
+  for (BoRAForward mode : {BoRAForward::Task, BoRAForward::Joined}) {
+    Random rng(36);
+    BoRA<double> bora = make_bora(mode, BoRAPrior::Squared, rng);
+    const Matrix<double> x = random_matrix<double>(6, 5, rng);
+    for (Index d = 0; d < 3; ++d) {
+      bora.set_routing(TaskRouting::uniform(5, d, 3));
+      Matrix<double> y_bora, y_lora;
+      bora.forward(x, y_bora);
+      const auto [A, B] = bora.task_factors_as_lora(d);
+      rankwise::LoRA<double> lora(bora.base(), {.rank = 2, .alpha = 3.0}, rng);
+      lora.assign_factors(A, B);
+      lora.set_scale(bora.scale());
+      lora.forward(x, y_lora);
+      CHECK_THAT(y_lora, is_close_to(y_bora, 1e-13, 1e-13));
+      CHECK(A.rows() == (mode == BoRAForward::Task ? 2 : 4));
+    }
+  }
+}
+
+TEST_CASE("BoRA on 2 threads: bit for bit repeatable and equal to 1 thread up to rounding", "[adapters][bora][parallel]") {
+  struct Guard {
+    ~Guard() { rankwise::set_num_threads(1); }
+  } guard;
+  Random rng(37);
+  BoRA<double> bora = make_bora(BoRAForward::Joined, BoRAPrior::Squared, rng, 64, 64);
+  std::vector<std::int32_t> ids(300);
+  for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = std::int32_t((j / 7 + j / 50) % 3);
+  bora.set_routing(TaskRouting(ids, 3));
+  const Matrix<double> x = random_matrix<double>(64, 300, rng), dy = random_matrix<double>(64, 300, rng);
+  const auto step = [&] {
+    bora.zero_grad();
+    Matrix<double> y, dx;
+    bora.forward(x, y);
+    bora.backward(dy, dx);
+    std::vector<Matrix<double>> out = {y, dx};
+    for (auto* p : bora.parameters())
+      if (p->trainable) out.push_back(p->grad);
+    return out;
+  };
+  const auto one = step();
+  rankwise::set_num_threads(2);
+  REQUIRE(rankwise::detail::parts_for(300) == 2);
+  const auto two = step(), again = step();
+  for (std::size_t i = 0; i < one.size(); ++i) {
+    CHECK(rankwise::test_support::same_bits(two[i], again[i]));
+    CHECK_THAT(two[i], is_close_to(one[i], 1e-12, 1e-12));
+  }
+}
+
+TEST_CASE("BoRA: bad input is refused with a clear error and changes nothing", "[adapters][bora][errors]") {
+  Random rng(38);
+  CHECK_THROWS_WITH(TaskRouting(std::vector<std::int32_t>{0, 3, 1}, 3),
+                    Catch::Contains("task ids must be in [0, 3) (got 3 for column 1)"));
+  CHECK_THROWS_WITH(TaskRouting(std::vector<std::int32_t>{0, -1}, 3), Catch::Contains("(got -1 for column 1)"));
+  CHECK_THROWS_WITH(TaskRouting(std::vector<std::int32_t>{0}, 0), Catch::Contains("must be >= 1 (got 0)"));
+  CHECK_THROWS_WITH(BoRA<double>(Linear<double>(4, 4, rng), {.tasks = 0}, rng), Catch::Contains("tasks must be >= 1"));
+  CHECK_THROWS_WITH(BoRA<double>(Linear<double>(4, 4, rng), {.rank = 2, .tau = -1.0}, rng),
+                    Catch::Contains("tau must be a finite number >= 0 (got -1)"));
+  CHECK_THROWS_WITH(BoRA<double>(Linear<double>(4, 4, rng), {.rank = 2, .tau = std::nan("")}, rng),
+                    Catch::Contains("tau must be a finite number >= 0"));
+  CHECK_THROWS_WITH(BoRA<double>(Linear<double>(4, 4, rng), {.rank = 2, .init_noise = -1.0}, rng),
+                    Catch::Contains("init_noise must be a finite number >= 0"));
+  BoRA<double> bora = make_bora(BoRAForward::Task, BoRAPrior::Squared, rng);
+  CHECK_THROWS_WITH(bora.set_tau(-0.5), Catch::Contains("[rankwise::BoRA::set_tau] tau must be"));
+  CHECK(bora.tau() == 0.7);
+  CHECK_THROWS_WITH(bora.set_routing(TaskRouting(std::vector<std::int32_t>{0, 1}, 2)),
+                    Catch::Contains("the routing is for 2 tasks, the layer has 3"));
+  CHECK_THROWS_WITH(bora.A(3), Catch::Contains("task must be in [0, 3) (got 3)"));
+  Matrix<double> y, dx;
+  const Matrix<double> x = random_matrix<double>(6, 4, rng);
+  CHECK_THROWS_WITH(bora.forward(x, y), Catch::Contains("the routing covers 0 columns, the batch has 4"));
+  bora.set_routing(TaskRouting::uniform(4, 1, 3));
+  bora.forward(x, y);
+  bora.set_routing(TaskRouting::uniform(4, 2, 3));  // a new batch's routing before this batch's backward
+  CHECK_THROWS_AS(bora.backward(random_matrix<double>(5, 4, rng), dx), rankwise::StateError);
+  BoRA<double> joined = make_bora(BoRAForward::Joined, BoRAPrior::Squared, rng);
+  const Matrix<double> before = joined.global_A();
+  CHECK_THROWS_AS(joined.set_global_to_mean(), rankwise::StateError);
+  CHECK(joined.global_A() == before);
+}
