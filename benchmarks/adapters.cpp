@@ -1,5 +1,5 @@
 // adapters: forward + backward of every adapter at in = out = 1024, 512 tokens, float, next to LoRA and
-// the frozen Linear it wraps. Reports time, FLOP/s (useful FLOPs of the method) and trainable parameters,
+// the frozen Linear it wraps; BoRA's routed multi-task step against D separate LoRA steps. Reports time, FLOP/s (useful FLOPs of the method) and trainable parameters,
 // and a memory report of a model whose VeRA layers share one bank.
 // Run: build/bench/benchmarks/bench_adapters [--benchmark_filter=...]; docs/benchmarks.md has the table.
 #include <rankwise/rankwise.hpp>
@@ -10,6 +10,7 @@
 
 #include <malloc.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -119,6 +120,45 @@ void BM_AnyLinear_LoRA(benchmark::State& state) {  // the cost of the type-erase
   run(state, layer, lora_flops(8.0), layer.trainable_parameter_count());
 }
 
+// BoRA, r = 8, D tasks: the 512 tokens routed in runs of `run` columns, task after task (a run of 64
+// is a sequence per task; 1 mixes tasks column by column). The target: at most 1.2x one LoRA
+// step (BM_LoRA/8) on the same tokens.
+void BM_BoRA_routed(benchmark::State& state) {
+  Random rng(1);
+  const Index tasks = state.range(0), run_length = state.range(1);
+  rankwise::BoRA<float> layer(Linear<float>(kIn, kOut, rng), {.tasks = tasks, .rank = 8, .alpha = 16.0}, rng);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(kTokens));
+  for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = std::int32_t((Index(j) / run_length) % tasks);
+  layer.set_routing(rankwise::TaskRouting(ids, tasks));
+  run(state, layer, lora_flops(8.0), layer.trainable_parameter_count());
+}
+
+// The alternative to routing: D separate LoRA steps (r = 8), each on its task's 512 / D tokens.
+void BM_LoRA_per_task(benchmark::State& state) {
+  Random rng(1);
+  const Index tasks = state.range(0), width = kTokens / tasks;
+  std::vector<rankwise::LoRA<float>> layers;
+  for (Index d = 0; d < tasks; ++d) layers.emplace_back(Linear<float>(kIn, kOut, rng), rankwise::LoRAOptions{.rank = 8, .alpha = 16.0}, rng);
+  Matrix<float> x(kIn, kTokens), dy(kOut, kTokens);
+  rankwise::fill_normal(x, 0.0, 1.0, rng);
+  rankwise::fill_normal(dy, 0.0, 1.0, rng);
+  std::vector<Matrix<float>> y(static_cast<std::size_t>(tasks)), dx(static_cast<std::size_t>(tasks));
+  const auto step = [&] {
+    for (Index d = 0; d < tasks; ++d) {
+      layers[std::size_t(d)].forward(x.middleCols(d * width, width), y[std::size_t(d)]);
+      layers[std::size_t(d)].backward(dy.middleCols(d * width, width), dx[std::size_t(d)]);
+    }
+  };
+  step();
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(dx.back().data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(lora_flops(8.0) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["trainable"] = double(tasks * layers.front().trainable_parameter_count());
+}
+
 BENCHMARK(BM_Linear_frozen)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoRA)->Arg(1)->Arg(4)->Arg(8)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DyLoRA)->Args({1, 1})->Args({4, 1})->Args({4, 0})->Args({8, 0})->Unit(benchmark::kMillisecond);
@@ -127,6 +167,8 @@ BENCHMARK(BM_VeRA)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RED)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MELoRA)->Args({8, 1})->Args({2, 4})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AnyLinear_LoRA)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BoRA_routed)->Args({1, 512})->Args({4, 128})->Args({4, 64})->Args({4, 1})->Args({16, 32})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoRA_per_task)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond);
 
 // A model of 12 layers with VeRA on q and v: the shared bank must be counted once.
 void print_memory_report() {
