@@ -57,6 +57,7 @@
 #include <rankwise/io/checkpoint.hpp>
 #include <rankwise/io/named_adapter.hpp>
 #include <rankwise/io/peft.hpp>
+#include <rankwise/io/peft_bora.hpp>
 #include <rankwise/io/peft_config.hpp>
 #include <rankwise/io/rankwise_adapter.hpp>
 #include <rankwise/io/safetensors.hpp>

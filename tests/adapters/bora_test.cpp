@@ -1,11 +1,13 @@
-// Tests for rankwise/adapters/bora.hpp: the routed forward and backward against a column-by-column
-// reference, finite differences of the data and prior terms in double, both forward modes and both
-// priors, threads, one task as a plain LoRA, and bad input.
+// Tests for rankwise/adapters/bora.hpp and io/peft_bora.hpp: the routed forward and backward against a
+// column-by-column reference, finite differences of the data and prior terms in double, both forward
+// modes and both priors, threads, one task as a plain LoRA and as a PEFT directory, and bad input.
 #include <rankwise/adapters/bora.hpp>
 #include <rankwise/core/parallel.hpp>
+#include <rankwise/io/peft_bora.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
+#include "support/temp_dir.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -271,4 +273,47 @@ TEST_CASE("BoRA: bad input is refused with a clear error and changes nothing", "
   const Matrix<double> before = joined.global_A();
   CHECK_THROWS_AS(joined.set_global_to_mean(), rankwise::StateError);
   CHECK(joined.global_A() == before);
+}
+
+TEST_CASE("BoRA: every task saves as a PEFT LoRA directory that computes the task's outputs (both modes)",
+          "[adapters][bora][io][peft]") {
+  for (BoRAForward mode : {BoRAForward::Task, BoRAForward::Joined}) {
+    INFO("mode " << int(mode));
+    Random rng(39);
+    BoRA<double> q = make_bora(mode, BoRAPrior::Squared, rng), v = make_bora(mode, BoRAPrior::Squared, rng);
+    rankwise::test_support::TempDir dir("bora_peft");
+    // F64 files, so that the comparison is exact (the default F32 rounds every factor once).
+    const auto configs = rankwise::save_peft_bora<double, Linear<double>>(dir.path, {{"layers.0.q", &q}, {"layers.0.v", &v}},
+                                                                          {.dtype = rankwise::DType::F64});
+    REQUIRE(configs.size() == 4);  // the global adapter and 3 tasks
+    const Matrix<double> x = random_matrix<double>(6, 4, rng);
+    for (Index task = -1; task < 3; ++task) {
+      INFO("task " << task);
+      const auto adapter = rankwise::read_peft_lora<double>(rankwise::peft_bora_directory(dir.path, task));
+      REQUIRE(adapter.modules.size() == 2);
+      for (BoRA<double>* layer : {&q, &v}) {
+        const auto& module = adapter.modules[layer == &q ? 0 : 1];
+        CHECK(module.path == (layer == &q ? "layers.0.q" : "layers.0.v"));
+        // What the file computes, against what the task computes in the BoRA layer.
+        Matrix<double> expected;
+        if (task >= 0) {
+          layer->set_routing(TaskRouting::uniform(4, task, 3));
+          layer->forward(x, expected);
+        } else {
+          expected = layer->base().weight() * x + layer->scale() * layer->global_B() * (layer->global_A() * x);
+          expected.colwise() += layer->base().bias().col(0);
+        }
+        Matrix<double> from_file = layer->base().weight() * x + module.factors.delta_weight() * x;
+        from_file.colwise() += layer->base().bias().col(0);
+        CHECK_THAT(from_file, is_close_to(expected, 1e-12, 1e-12));
+      }
+    }
+  }
+  Random rng(40);
+  BoRA<double> three = make_bora(BoRAForward::Task, BoRAPrior::Squared, rng);
+  BoRA<double> two(Linear<double>(6, 5, rng), {.tasks = 2, .rank = 2}, rng);
+  rankwise::test_support::TempDir dir("bora_peft_bad");
+  CHECK_THROWS_WITH((rankwise::save_peft_bora<double, Linear<double>>(dir.path / "out", {{"a", &three}, {"b", &two}})),
+                    Catch::Contains("every module must have the same number of tasks (module 'a' has 3, module 'b' has 2)"));
+  CHECK_FALSE(std::filesystem::exists(dir.path / "out"));
 }

@@ -22,6 +22,7 @@
 /// B_d A_d formed). Docs: docs/adapters/bora.md
 
 #include <rankwise/adapters/lora.hpp>
+#include <rankwise/adapters/lora_export.hpp>
 #include <rankwise/adapters/own_parameters.hpp>
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/init.hpp>
@@ -371,6 +372,12 @@ class BoRA {
     A << m_global.A.value, f.A.value;
     B << m_global.B.value, f.B.value;
     return {std::move(A), std::move(B)};
+  }
+
+  /// The same with the scale, as the exporters take it (adapters/lora_export.hpp).
+  LoRAFactors<Scalar> task_lora_factors(Index task) const {
+    auto [A, B] = task_factors_as_lora(task);
+    return {std::move(A), std::move(B), scale()};
   }
 
   /// Δ W of one task (dense; for merge and export only).
