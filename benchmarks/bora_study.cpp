@@ -14,7 +14,8 @@
 // the noise (what the adapter can still learn), per task and averaged over tasks.
 // Output: text on stdout, <out>/runs.csv (one row per configuration, seed, method and task) and
 // <out>/summary.md.
-// Run: build/benchmarks/bora_study [--configs 8] [--seeds 3] [--steps 400] [--out DIR] (docs/adapters/bora.md)
+// Run: build/benchmarks/bora_study [--configs 8] [--seeds 3] [--steps 400] [--lr 0.02 | --paper-lr
+//      [--lr-per-tau 1e-5] [--lr-at-zero 1e-4]] [--taus 0,0.1,...] [--out DIR] (docs/adapters/bora.md)
 #include <rankwise/adapters/bora.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/optim/adamw.hpp>
@@ -126,12 +127,21 @@ struct Result {
 };
 
 // Trains BoRA at `tau` (or, shared, one LoRA on all the data) and evaluates it.
+// The learning rate of every run: fixed, or the paper's rule (lr = tau * lr_per_tau, lr_at_zero at tau = 0).
+struct LearningRate {
+  double fixed = 2e-2;
+  bool paper = false;
+  double per_tau = 1e-5, at_zero = 1e-4;
+  double at(double tau) const { return paper ? rankwise::bora_paper_learning_rate(tau, per_tau, at_zero) : fixed; }
+};
+LearningRate g_lr;
+
 Result train(const Config& c, double tau, bool shared, std::uint64_t seed, int steps) {
   Random rng(seed);
   const Index tasks = shared ? 1 : c.tasks;
   rankwise::BoRA<double> layer(rankwise::Linear<double>(c.W0, std::nullopt, false),
                                {.tasks = tasks, .rank = 4, .alpha = 4.0, .tau = tau}, rng);
-  rankwise::AdamW<double> optimizer(layer.parameters(), {.lr = 2e-2, .weight_decay = 0.0});
+  rankwise::AdamW<double> optimizer(layer.parameters(), {.lr = g_lr.at(shared ? 0.0 : tau), .weight_decay = 0.0});
   std::vector<std::int32_t> route = c.train.task;
   if (shared) std::fill(route.begin(), route.end(), 0);
   const rankwise::TaskRouting routing(route, tasks);
@@ -196,13 +206,21 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "AdamW steps per run")->check(CLI::Range(1, 100000));
   app.add_option("--taus", taus, "the tau sweep")->check(CLI::NonNegativeNumber);
   app.add_option("--out", out, "output directory");
+  app.add_option("--lr", g_lr.fixed, "AdamW's learning rate for every run")->check(CLI::PositiveNumber);
+  app.add_flag("--paper-lr", g_lr.paper, "the paper's rule instead: lr = tau * --lr-per-tau, --lr-at-zero at tau = 0 (and for the shared LoRA)");
+  app.add_option("--lr-per-tau", g_lr.per_tau, "with --paper-lr")->check(CLI::PositiveNumber);
+  app.add_option("--lr-at-zero", g_lr.at_zero, "with --paper-lr")->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   const auto start = std::chrono::steady_clock::now();
   std::filesystem::create_directories(out);
   std::ofstream csv(std::filesystem::path(out) / "runs.csv");
   csv << "config,seed,method,tau,task,train_columns,validation_excess,test_excess,distance\n";
-  std::printf("# bora_study: %d configurations x %d seeds, %d AdamW steps (lr 2e-2), rank 4, taus:", configs, seeds,
-              steps);
+  if (g_lr.paper)
+    std::printf("# bora_study: %d configurations x %d seeds, %d AdamW steps (the paper's rule: lr = tau x %g, %g at tau = 0), rank 4, taus:",
+                configs, seeds, steps, g_lr.per_tau, g_lr.at_zero);
+  else
+    std::printf("# bora_study: %d configurations x %d seeds, %d AdamW steps (lr %g), rank 4, taus:", configs, seeds, steps,
+                g_lr.fixed);
   for (double t : taus) std::printf(" %g", t);
   std::printf("\n# errors: test mean squared error above the noise, averaged over a configuration's tasks\n\n");
   std::printf("| config | tasks (training columns) | tau=0 | best tau (by validation) | BoRA at it | shared | poorest task: tau=0 / BoRA / shared | Spearman(distance, size) |\n");

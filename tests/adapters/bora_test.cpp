@@ -3,7 +3,9 @@
 // modes and both priors, threads, one task as a plain LoRA and as a PEFT directory, and bad input.
 #include <rankwise/adapters/bora.hpp>
 #include <rankwise/core/parallel.hpp>
+#include <rankwise/io/checkpoint.hpp>
 #include <rankwise/io/peft_bora.hpp>
+#include <rankwise/io/state.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
@@ -243,6 +245,14 @@ TEST_CASE("BoRA on 2 threads: bit for bit repeatable and equal to 1 thread up to
   }
 }
 
+TEST_CASE("BoRA: the paper's learning-rate rule scales with tau", "[adapters][bora]") {
+  CHECK(rankwise::bora_paper_learning_rate(0.0) == 1e-4);
+  CHECK(rankwise::bora_paper_learning_rate(100.0) == Approx(1e-3).epsilon(1e-15));
+  CHECK(rankwise::bora_paper_learning_rate(10.0, 2e-5, 3e-4) == Approx(2e-4).epsilon(1e-15));
+  CHECK_THROWS_WITH(rankwise::bora_paper_learning_rate(-1.0), Catch::Contains("tau must be a finite number >= 0 (got -1)"));
+  CHECK_THROWS_WITH(rankwise::bora_paper_learning_rate(1.0, 0.0), Catch::Contains("must be finite numbers > 0"));
+}
+
 TEST_CASE("BoRA: bad input is refused with a clear error and changes nothing", "[adapters][bora][errors]") {
   Random rng(38);
   CHECK_THROWS_WITH(TaskRouting(std::vector<std::int32_t>{0, 3, 1}, 3),
@@ -316,4 +326,57 @@ TEST_CASE("BoRA: every task saves as a PEFT LoRA directory that computes the tas
   CHECK_THROWS_WITH((rankwise::save_peft_bora<double, Linear<double>>(dir.path / "out", {{"a", &three}, {"b", &two}})),
                     Catch::Contains("every module must have the same number of tasks (module 'a' has 3, module 'b' has 2)"));
   CHECK_FALSE(std::filesystem::exists(dir.path / "out"));
+}
+
+TEST_CASE("BoRA: a checkpoint restores every factor and tau bit for bit, and refuses another task count",
+          "[adapters][bora][io][checkpoint]") {
+  Random rng(41);
+  BoRA<double> q = make_bora(BoRAForward::Joined, BoRAPrior::Unsquared, rng);
+  q.set_tau(3.5);
+  rankwise::test_support::TempDir dir("bora_checkpoint");
+  rankwise::CheckpointWriter writer;
+  writer.add("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &q}});
+  writer.write(dir.path);
+
+  const BoRAOptions options{.tasks = 3, .rank = 2, .alpha = 3.0, .tau = 0.7, .prior = BoRAPrior::Unsquared,
+                            .forward = BoRAForward::Joined};
+  Random other(99);
+  BoRA<double> restored(Linear<double>(q.base()), options, other);
+  rankwise::CheckpointReader reader(dir.path);
+  reader.restore("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &restored}});
+  CHECK(restored.tau() == 3.5);
+  CHECK(rankwise::test_support::same_bits(restored.global_A(), q.global_A()));
+  CHECK(rankwise::test_support::same_bits(restored.global_B(), q.global_B()));
+  for (Index d = 0; d < 3; ++d) {
+    CHECK(rankwise::test_support::same_bits(restored.A(d), q.A(d)));
+    CHECK(rankwise::test_support::same_bits(restored.B(d), q.B(d)));
+  }
+  // The same step from the same state: the same numbers.
+  const Matrix<double> x = random_matrix<double>(6, 10, rng), dy = random_matrix<double>(5, 10, rng);
+  Matrix<double> y1, y2, dx1, dx2;
+  for (BoRA<double>* layer : {&q, &restored}) {
+    layer->set_routing(TaskRouting(kMixedTasks, 3));
+    layer->zero_grad();
+  }
+  q.forward(x, y1);
+  q.backward(dy, dx1);
+  restored.forward(x, y2);
+  restored.backward(dy, dx2);
+  CHECK(rankwise::test_support::same_bits(y1, y2));
+  CHECK(rankwise::test_support::same_bits(q.A_parameter(2).grad, restored.A_parameter(2).grad));
+  CHECK(q.add_prior_gradient() == restored.add_prior_gradient());
+
+  // A model with another number of tasks, or another prior, is refused and keeps its factors.
+  BoRA<double> two(Linear<double>(q.base()), {.tasks = 2, .rank = 2, .alpha = 3.0, .prior = BoRAPrior::Unsquared,
+                                               .forward = BoRAForward::Joined}, other);
+  const Matrix<double> before = two.A(1);
+  CHECK_THROWS_WITH(reader.restore("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &two}}),
+                    Catch::Contains("was saved with 3 tasks but the model's BoRA has 2"));
+  CHECK(rankwise::test_support::same_bits(two.A(1), before));
+  BoRA<double> squared(Linear<double>(q.base()), {.tasks = 3, .rank = 2, .alpha = 3.0, .forward = BoRAForward::Joined}, other);
+  CHECK_THROWS_WITH(reader.restore("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &squared}}),
+                    Catch::Contains("was saved with the unsquared prior and the joined forward but the model's BoRA has squared and joined"));
+  // assign_factors checks before it changes anything.
+  CHECK_THROWS_WITH(squared.assign_factors({{Matrix<double>::Zero(2, 6), Matrix<double>::Zero(5, 2)}}),
+                    Catch::Contains("need 4 pairs"));
 }

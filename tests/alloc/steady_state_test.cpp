@@ -2,6 +2,7 @@
 // Sizes are kept below Eigen's stack-allocation limit (128 KiB) for GEMM packing buffers, so any
 // allocation counted here is rankwise's own. (Larger products make Eigen allocate its packing
 // buffers; benchmarks/lora_layer reports those.)
+#include <rankwise/adapters/bora.hpp>
 #include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/lora.hpp>
 #include <rankwise/adapters/melora.hpp>
@@ -136,6 +137,36 @@ TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allo
     INFO("r_mini = " << mini_rank);
     CHECK(melora_count.calls == 0);
   }
+}
+
+TEST_CASE("BoRA + AdamW: a step with routing set per batch and the prior does not allocate", "[alloc][adapters][bora]") {
+  Random rng(6);
+  for (auto forward : {rankwise::BoRAForward::Task, rankwise::BoRAForward::Joined})
+    for (auto prior : {rankwise::BoRAPrior::Squared, rankwise::BoRAPrior::Unsquared}) {
+      rankwise::BoRA<float> bora(rankwise::Linear<float>(64, 48, rng),
+                                 {.tasks = 3, .rank = 4, .tau = 0.5, .prior = prior, .forward = forward}, rng);
+      rankwise::AdamW<float> opt(bora.parameters(), {});
+      std::vector<std::int32_t> ids(32);
+      for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = std::int32_t((j / 5 + j % 2) % 3);
+      const rankwise::TaskRouting routing(ids, 3);
+      const Matrix<float> x = random_matrix<float>(64, 32, rng), dy = random_matrix<float>(48, 32, rng);
+      Matrix<float> y, dx;
+      const auto step = [&] {
+        bora.set_routing(routing);  // a new batch's routing, into the layer's own storage
+        bora.zero_grad();
+        bora.forward(x, y);
+        bora.backward(dy, dx);
+        bora.add_prior_gradient();
+        opt.step();
+      };
+      step();
+      step();
+      rankwise::test_support::start_counting_allocations();
+      for (int i = 0; i < 5; ++i) step();
+      const auto count = rankwise::test_support::stop_counting_allocations();
+      INFO("forward mode " << int(forward) << ", prior " << int(prior) << ": " << count.calls << " allocations");
+      CHECK(count.calls == 0);
+    }
 }
 
 TEST_CASE("ToyTransformer + LoRA: a training step after the first does not allocate", "[alloc][models][toy_transformer]") {

@@ -61,6 +61,18 @@ struct BoRAOptions {
   LoRAInit init = LoRAInit::KaimingUniform;  ///< how A_Θ is drawn
 };
 
+/// The paper's learning-rate rule: the prior's gradient grows with τ, so the learning rate does too,
+/// lr = τ · lr_per_tau for τ > 0 (the paper: 1e-5 per unit of τ with AdamW on OPT-350m), and
+/// lr_at_zero for τ = 0 (the paper: 1e-4). Measured against a fixed rate in docs/adapters/bora.md.
+inline double bora_paper_learning_rate(double tau, double lr_per_tau = 1e-5, double lr_at_zero = 1e-4) {
+  if (!(tau >= 0.0) || !std::isfinite(tau))
+    detail::fail("rankwise::bora_paper_learning_rate", "tau must be a finite number >= 0 (got ", tau, ")");
+  if (!(lr_per_tau > 0.0) || !std::isfinite(lr_per_tau) || !(lr_at_zero > 0.0) || !std::isfinite(lr_at_zero))
+    detail::fail("rankwise::bora_paper_learning_rate", "lr_per_tau and lr_at_zero must be finite numbers > 0 (got ",
+                 lr_per_tau, ", ", lr_at_zero, ")");
+  return tau > 0.0 ? tau * lr_per_tau : lr_at_zero;
+}
+
 /// Which task each column of a batch belongs to, kept as runs of consecutive columns of one task.
 /// Built once per batch and shared by every BoRA layer of a model.
 class TaskRouting {
@@ -359,6 +371,30 @@ class BoRA {
     }
     m_global.A.value /= Scalar(tasks());
     m_global.B.value /= Scalar(tasks());
+  }
+
+  /// Replaces every factor: `factors` holds (A, B) of Θ, then of task 0, 1, ... (loaders use it).
+  /// Gradients are cleared, and a backward() needs a new forward(). Strong guarantee: the shapes
+  /// (A r x in, B out x r, D + 1 pairs) and finiteness are checked before anything changes.
+  void assign_factors(std::vector<std::pair<MatrixType, MatrixType>> factors) {
+    const char* where = "rankwise::BoRA::assign_factors";
+    if (Index(factors.size()) != tasks() + 1)
+      detail::fail(where, "need ", tasks() + 1, " pairs (the global adapter, then each task; got ", factors.size(), ")");
+    for (std::size_t i = 0; i < factors.size(); ++i) {
+      const auto& [A, B] = factors[i];
+      if (A.rows() != rank() || A.cols() != in_features() || B.rows() != out_features() || B.cols() != rank())
+        detail::fail(where, "pair ", i, " must be A ", rank(), " x ", in_features(), " and B ", out_features(), " x ",
+                     rank(), " (got A ", A.rows(), " x ", A.cols(), ", B ", B.rows(), " x ", B.cols(), ")");
+      if (!A.allFinite() || !B.allFinite()) detail::fail(where, "pair ", i, " holds a NaN or an infinity");
+    }
+    m_global.A.value.swap(factors[0].first);
+    m_global.B.value.swap(factors[0].second);
+    for (std::size_t d = 0; d < m_tasks.size(); ++d) {
+      m_tasks[d].A.value.swap(factors[d + 1].first);
+      m_tasks[d].B.value.swap(factors[d + 1].second);
+    }
+    zero_grad();
+    m_cached_cols = -1;
   }
 
   // --- one task as a plain LoRA ----------------------------------------------------------------

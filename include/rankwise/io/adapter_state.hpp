@@ -7,6 +7,7 @@
 /// An adapter's own state only: its base weights are saved as parameters. Docs: docs/io/checkpoints.md
 
 #include <rankwise/adapters/any_linear.hpp>
+#include <rankwise/adapters/bora.hpp>
 #include <rankwise/adapters/dylora.hpp>
 #include <rankwise/adapters/kinds.hpp>
 #include <rankwise/adapters/lora.hpp>
@@ -307,6 +308,72 @@ void save_state(StateWriter& out, const AnyLinear<Scalar>& slot) {
     detail::fail("rankwise::save_state", "a slot of kind '", slot.kind(),
                  "' holds a layer without save_state; save the layer itself");
   out.json()["slot_kind"] = slot.kind();
+}
+
+// --- BoRA ----------------------------------------------------------------------------------------
+
+namespace detail {
+inline const char* to_string(BoRAPrior prior) { return prior == BoRAPrior::Squared ? "squared" : "unsquared"; }
+inline const char* to_string(BoRAForward forward) { return forward == BoRAForward::Task ? "task" : "joined"; }
+}  // namespace detail
+
+/// Every task's factors and the global ones, τ and the options the factors depend on (not the
+/// routing, which belongs to a batch).
+template <FloatScalar Scalar, typename Base>
+void save_state(StateWriter& out, const BoRA<Scalar, Base>& bora) {
+  nlohmann::json& j = out.json();
+  j["kind"] = "bora";
+  j["in_features"] = bora.in_features();
+  j["out_features"] = bora.out_features();
+  j["tasks"] = bora.tasks();
+  j["rank"] = bora.rank();
+  j["alpha"] = bora.options().alpha;
+  j["use_rslora"] = bora.options().use_rslora;
+  j["tau"] = bora.tau();
+  j["prior"] = detail::to_string(bora.options().prior);
+  j["forward"] = detail::to_string(bora.options().forward);
+  out.matrix("global/lora_A", bora.global_A());
+  out.matrix("global/lora_B", bora.global_B());
+  for (Index d = 0; d < bora.tasks(); ++d) {
+    out.matrix("task_" + std::to_string(d) + "/lora_A", bora.A(d));
+    out.matrix("task_" + std::to_string(d) + "/lora_B", bora.B(d));
+  }
+}
+
+/// Refuses a state of another shape, task count, rank, scaling, prior or forward mode, or with
+/// non-finite values, before anything changes; then restores every factor and τ and clears the
+/// gradients.
+template <FloatScalar Scalar, typename Base>
+void load_state(const StateReader& in, BoRA<Scalar, Base>& bora) {
+  if (in.string("kind") != "bora") in.fail("holds a '", in.string("kind"), "' adapter, not a BoRA adapter");
+  if (in.integer("in_features") != bora.in_features() || in.integer("out_features") != bora.out_features())
+    in.fail("is a ", in.integer("out_features"), " x ", in.integer("in_features"), " adapter but the model's is ",
+            bora.out_features(), " x ", bora.in_features());
+  if (in.integer("tasks") != bora.tasks())
+    in.fail("was saved with ", in.integer("tasks"), " tasks but the model's BoRA has ", bora.tasks());
+  if (in.integer("rank") != bora.rank() || in.number("alpha") != bora.options().alpha ||
+      in.boolean("use_rslora") != bora.options().use_rslora)
+    in.fail("was saved with rank ", in.integer("rank"), ", alpha ", in.number("alpha"), " but the model's BoRA has rank ",
+            bora.rank(), ", alpha ", bora.options().alpha, " (and rsLoRA must match); build it with the same options");
+  if (in.string("prior") != detail::to_string(bora.options().prior) ||
+      in.string("forward") != detail::to_string(bora.options().forward))
+    in.fail("was saved with the ", in.string("prior"), " prior and the ", in.string("forward"),
+            " forward but the model's BoRA has ", detail::to_string(bora.options().prior), " and ",
+            detail::to_string(bora.options().forward));
+  const double tau = in.number("tau");
+  if (!(tau >= 0.0) || !std::isfinite(tau)) in.fail("'tau' must be a finite number >= 0 (got ", tau, ")");
+  std::vector<std::pair<Matrix<Scalar>, Matrix<Scalar>>> factors;  // global first
+  for (Index d = -1; d < bora.tasks(); ++d) {
+    const std::string key = d < 0 ? std::string("global") : "task_" + std::to_string(d);
+    Matrix<Scalar> A = in.template matrix<Scalar>(key + "/lora_A", bora.rank(), bora.in_features());
+    Matrix<Scalar> B = in.template matrix<Scalar>(key + "/lora_B", bora.out_features(), bora.rank());
+    detail::check_finite_state(in, (key + "/lora_A").c_str(), A);
+    detail::check_finite_state(in, (key + "/lora_B").c_str(), B);
+    factors.emplace_back(std::move(A), std::move(B));
+  }
+  // Everything is read and checked: now change the adapter.
+  bora.set_tau(tau);
+  bora.assign_factors(std::move(factors));
 }
 
 template <FloatScalar Scalar>
