@@ -18,6 +18,7 @@
 //      [--lr-per-tau 1e-5] [--lr-at-zero 1e-4]] [--taus 0,0.1,...] [--out DIR] (docs/adapters/bora.md)
 #include <rankwise/adapters/bora.hpp>
 #include <rankwise/core/init.hpp>
+#include <rankwise/detail/rank_correlation.hpp>
 #include <rankwise/optim/adamw.hpp>
 
 #include <CLI/CLI.hpp>
@@ -174,26 +175,6 @@ double sd(const std::vector<double>& v) {
   for (double x : v) s += (x - m) * (x - m);
   return std::sqrt(s / double(v.size() - 1));
 }
-// Spearman's rank correlation (no ties expected).
-double spearman(const std::vector<double>& a, const std::vector<double>& b) {
-  const auto ranks = [](const std::vector<double>& v) {
-    std::vector<std::size_t> order(v.size());
-    for (std::size_t i = 0; i < v.size(); ++i) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](std::size_t i, std::size_t j) { return v[i] < v[j]; });
-    std::vector<double> r(v.size());
-    for (std::size_t i = 0; i < order.size(); ++i) r[order[i]] = double(i);
-    return r;
-  };
-  const std::vector<double> ra = ranks(a), rb = ranks(b);
-  const double ma = mean(ra), mb = mean(rb);
-  double num = 0.0, da = 0.0, db = 0.0;
-  for (std::size_t i = 0; i < ra.size(); ++i) {
-    num += (ra[i] - ma) * (rb[i] - mb);
-    da += (ra[i] - ma) * (ra[i] - ma);
-    db += (rb[i] - mb) * (rb[i] - mb);
-  }
-  return da > 0 && db > 0 ? num / std::sqrt(da * db) : 0.0;
-}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -263,7 +244,7 @@ int main(int argc, char** argv) {
       if (mean(validation[t]) < mean(validation[best])) best = t;
     std::vector<double> sizes;
     for (Index n : c.train_columns) sizes.push_back(double(n));
-    const double r_best = spearman(distance_by_tau[best], sizes);
+    const double r_best = rankwise::detail::spearman(distance_by_tau[best], sizes).value_or(0.0);
     rho.push_back(r_best);
     gain_vs_independent.push_back(mean(test[0]) - mean(test[best]));
     gain_vs_shared.push_back(mean(shared_test) - mean(test[best]));

@@ -241,16 +241,9 @@ class BoRA {
     if (joined) m_u_global.resize(rank(), x.cols());
     detail::parallel_blocks(x.cols(), 128, [&](Index c, Index w) {
       for_runs_in(c, w, [&](Index begin, Index count, Index task) {
-        const Factors& f = m_tasks[std::size_t(task)];
-        auto u = m_u.middleCols(begin, count);
-        u.noalias() = f.A.value * x.middleCols(begin, count);
-        y.middleCols(begin, count).noalias() += s * (f.B.value * u);
+        add_branch(m_tasks[std::size_t(task)], m_u, x, y, begin, count, s);
       });
-      if (joined) {
-        auto u = m_u_global.middleCols(c, w);
-        u.noalias() = m_global.A.value * x.middleCols(c, w);
-        y.middleCols(c, w).noalias() += s * (m_global.B.value * u);
-      }
+      if (joined) add_branch(m_global, m_u_global, x, y, c, w, s);
     });
   }
 
@@ -264,36 +257,25 @@ class BoRA {
     if (joined) m_t_global.resize(rank(), dy.cols());
     detail::parallel_blocks(dy.cols(), 128, [&](Index c, Index w) {
       for_runs_in(c, w, [&](Index begin, Index count, Index task) {
-        const Factors& f = m_tasks[std::size_t(task)];
-        auto t = m_t.middleCols(begin, count);
-        t.noalias() = f.B.value.transpose() * dy.middleCols(begin, count);
-        t *= s;
-        dx.middleCols(begin, count).noalias() += f.A.value.transpose() * t;
+        add_branch_dx(m_tasks[std::size_t(task)], m_t, dy, dx, begin, count, s);
       });
-      if (joined) {
-        auto t = m_t_global.middleCols(c, w);
-        t.noalias() = m_global.B.value.transpose() * dy.middleCols(c, w);
-        t *= s;
-        dx.middleCols(c, w).noalias() += m_global.A.value.transpose() * t;
-      }
+      if (joined) add_branch_dx(m_global, m_t_global, dy, dx, c, w, s);
     });
     // dB_d += s dy u^T and dA_d += t x^T over each task's runs, in the runs' order; the parts are
     // row blocks of the B's and column blocks of the A's, so no part sums what another writes.
     const Index parts = std::min(detail::parts_for(out_features(), 32), detail::parts_for(in_features(), 32));
     m_dA_t.resize(in_features(), rank());
     auto gradients = [&](Index p) {
-      const auto [r0, r1] = detail::part_range(out_features(), parts, p, 8);
-      const auto [c0, c1] = detail::part_range(in_features(), parts, p, 8);
+      const auto rows = detail::part_range(out_features(), parts, p, 8), cols = detail::part_range(in_features(), parts, p, 8);
       for (const TaskRouting::Run& run : m_routing.runs()) {
         Factors& f = m_tasks[std::size_t(run.task)];
-        accumulate(f, dy, m_u, m_t, run.begin, run.count, r0, r1 - r0, c0, c1 - c0, s);
+        detail::add_lora_gradients(f.A, f.B, dy, m_u, m_t, m_x, run.begin, run.count, rows, cols, s, m_dA_t);
       }
-      if (joined) accumulate(m_global, dy, m_u_global, m_t_global, 0, dy.cols(), r0, r1 - r0, c0, c1 - c0, s);
+      if (joined)
+        detail::add_lora_gradients(m_global.A, m_global.B, dy, m_u_global, m_t_global, m_x, 0, dy.cols(), rows, cols, s,
+                                   m_dA_t);
     };
-    if (parts == 1)
-      gradients(0);
-    else
-      detail::parallel_parts(parts, gradients);
+    detail::parallel_parts(parts, gradients);  // one part: on the calling thread
   }
 
   /// Every parameter: the base's (frozen), then Θ's A and B, then each task's A and B.
@@ -315,13 +297,9 @@ class BoRA {
   /// The prior's value: (τ/2) Σ_d ‖θ_d − Θ‖² (Squared) or τ Σ_d Σ_t ‖θ_d,t − Θ_t‖ (Unsquared); in
   /// Joined mode the same of θ_d alone.
   double prior_penalty() const {
-    const double tau = m_options.tau;
     double sum = 0.0;
     for (const Factors& f : m_tasks)
-      for (int which = 0; which < 2; ++which) {
-        const double squared = distance_squared(f, which);
-        sum += m_options.prior == BoRAPrior::Squared ? 0.5 * tau * squared : tau * std::sqrt(squared);
-      }
+      for (int which = 0; which < 2; ++which) sum += prior_term(distance_squared(f, which));
     return sum;
   }
 
@@ -331,15 +309,15 @@ class BoRA {
   double add_prior_gradient() {
     const double tau = m_options.tau;
     const bool joined = m_options.forward == BoRAForward::Joined;
+    double sum = 0.0;  // the prior's value, from the distances the weights need anyway
     for (Factors& f : m_tasks)
       for (int which = 0; which < 2; ++which) {
         Parameter<Scalar>& task = which == 0 ? f.A : f.B;
         Parameter<Scalar>& global = which == 0 ? m_global.A : m_global.B;
+        const double squared = distance_squared(f, which);
+        sum += prior_term(squared);
         double weight = tau;
-        if (m_options.prior == BoRAPrior::Unsquared) {
-          const double norm = std::sqrt(distance_squared(f, which));
-          weight = norm > 0.0 ? tau / norm : 0.0;
-        }
+        if (m_options.prior == BoRAPrior::Unsquared) weight = squared > 0.0 ? tau / std::sqrt(squared) : 0.0;
         if (weight == 0.0) continue;
         const Scalar w = Scalar(weight);
         if (joined) {
@@ -349,7 +327,7 @@ class BoRA {
         if (task.wants_grad()) task.grad.noalias() += w * (task.value - global.value);
         if (global.wants_grad()) global.grad.noalias() -= w * (task.value - global.value);
       }
-    return prior_penalty();
+    return sum;
   }
 
   /// ‖θ_d − Θ‖ over A and B (Joined: ‖θ_d‖), the paper's distance of a task from the mean.
@@ -460,6 +438,11 @@ class BoRA {
     }
   }
 
+  /// The prior's term for one tensor at squared distance `squared`.
+  double prior_term(double squared) const {
+    return m_options.prior == BoRAPrior::Squared ? 0.5 * m_options.tau * squared : m_options.tau * std::sqrt(squared);
+  }
+
   /// ‖θ_d,t − Θ_t‖² of A (which 0) or B (which 1); in Joined mode ‖θ_d,t‖².
   double distance_squared(const Factors& f, int which) const {
     const MatrixType& task = which == 0 ? f.A.value : f.B.value;
@@ -468,26 +451,29 @@ class BoRA {
     return double((task - global).squaredNorm());
   }
 
+  /// u = A x (kept in u_store) and y += s B u over columns [begin, begin + count).
+  static void add_branch(const Factors& f, MatrixType& u_store, const ConstRef<Scalar>& x, MatrixType& y, Index begin,
+                         Index count, Scalar s) {
+    auto u = u_store.middleCols(begin, count);
+    u.noalias() = f.A.value * x.middleCols(begin, count);
+    y.middleCols(begin, count).noalias() += s * (f.B.value * u);
+  }
+
+  /// t = s Bᵀ dy (kept in t_store) and dx += Aᵀ t over columns [begin, begin + count).
+  static void add_branch_dx(const Factors& f, MatrixType& t_store, const ConstRef<Scalar>& dy, MatrixType& dx,
+                            Index begin, Index count, Scalar s) {
+    auto t = t_store.middleCols(begin, count);
+    t.noalias() = f.B.value.transpose() * dy.middleCols(begin, count);
+    t *= s;
+    dx.middleCols(begin, count).noalias() += f.A.value.transpose() * t;
+  }
+
   /// Calls f(begin, count, task) for the part of each run inside columns [c, c + w).
   template <typename F>
   void for_runs_in(Index c, Index w, F&& f) const {
     for (const TaskRouting::Run& run : m_routing.runs()) {
       const Index begin = std::max(run.begin, c), end = std::min(run.begin + run.count, c + w);
       if (begin < end) f(begin, end - begin, run.task);
-    }
-  }
-
-  /// dB += s dy u^T (rows [r, r + h)) and dA += t x^T (columns [c, c + w)) over columns
-  /// [begin, begin + count) of the batch; dA as (x t^T)^T (see LoRA).
-  void accumulate(Factors& f, const ConstRef<Scalar>& dy, const MatrixType& u, const MatrixType& t, Index begin,
-                  Index count, Index r, Index h, Index c, Index w, Scalar s) {
-    if (f.B.wants_grad() && h > 0)
-      f.B.grad.middleRows(r, h).noalias() +=
-          s * (dy.block(r, begin, h, count) * u.middleCols(begin, count).transpose());
-    if (f.A.wants_grad() && w > 0) {
-      auto rows = m_dA_t.middleRows(c, w);
-      rows.noalias() = m_x.block(c, begin, w, count) * t.middleCols(begin, count).transpose();
-      f.A.grad.middleCols(c, w) += rows.transpose();
     }
   }
 

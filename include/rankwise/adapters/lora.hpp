@@ -60,6 +60,29 @@ struct LoRAOptions {
   LoRAInit init = LoRAInit::KaimingUniform;
 };
 
+namespace detail {
+/// The factor gradients of a LoRA branch over columns [begin, begin + count) of a batch, for one part
+/// of a cut (core/parallel.hpp): rows [r0, r1) of dB += s dy uᵀ and columns [c0, c1) of dA += t xᵀ.
+/// dA is computed as (x tᵀ)ᵀ into rows of the in x r scratch dA_t: twice as fast as t xᵀ, whose
+/// packing reads x across its columns. A parameter that wants no gradient is skipped. LoRA calls it
+/// over the whole batch, BoRA over each run of one task's columns.
+template <FloatScalar Scalar, typename DY, typename X>
+void add_lora_gradients(Parameter<Scalar>& A, Parameter<Scalar>& B, const DY& dy, const Matrix<Scalar>& u,
+                        const Matrix<Scalar>& t, const X& x, Index begin, Index count, std::pair<Index, Index> rows,
+                        std::pair<Index, Index> cols, Scalar s, Matrix<Scalar>& dA_t) {
+  const auto [r0, r1] = rows;
+  const auto [c0, c1] = cols;
+  if (B.wants_grad() && r1 > r0)
+    B.grad.middleRows(r0, r1 - r0).noalias() +=
+        s * (dy.block(r0, begin, r1 - r0, count) * u.middleCols(begin, count).transpose());
+  if (A.wants_grad() && c1 > c0) {
+    auto block = dA_t.middleRows(c0, c1 - c0);
+    block.noalias() = x.block(c0, begin, c1 - c0, count) * t.middleCols(begin, count).transpose();
+    A.grad.middleCols(c0, c1 - c0) += block.transpose();
+  }
+}
+}  // namespace detail
+
 template <FloatScalar Scalar_, typename Base_ = Linear<Scalar_>>
 class LoRA {
  public:
@@ -472,28 +495,17 @@ class LoRA {
       } else
         dx->middleCols(c, w).noalias() += m_A.value.transpose() * t;
     });
-    const bool grad_B = m_B.wants_grad(), grad_A = m_A.wants_grad();
+    const bool grad_A = m_A.wants_grad();
     const MatrixType& x = m_borrowed_x ? *m_borrowed_x : m_x;
     if (grad_A && (x.cols() != dy.cols() || x.rows() != in_features()))
       detail::fail<StateError>("rankwise::LoRA", "backward: the borrowed input of forward_borrowed() changed shape");
     const Index parts = std::min(detail::parts_for(out_features(), 32), detail::parts_for(in_features(), 32));
     if (grad_A) m_dA_t.resize(in_features(), rank());
     auto gradients = [&](Index p) {
-      if (grad_B) {
-        const auto [r, end] = detail::part_range(out_features(), parts, p, 8);
-        m_B.grad.middleRows(r, end - r).noalias() += s * (dy.middleRows(r, end - r) * m_u.transpose());
-      }
-      if (grad_A) {  // as (dA)^T = x t^T: twice as fast as t x^T, whose packing reads x across its columns
-        const auto [c, end] = detail::part_range(in_features(), parts, p, 8);
-        auto rows = m_dA_t.middleRows(c, end - c);
-        rows.noalias() = x.middleRows(c, end - c) * m_t.transpose();
-        m_A.grad.middleCols(c, end - c) += rows.transpose();
-      }
+      detail::add_lora_gradients(m_A, m_B, dy, m_u, m_t, x, 0, dy.cols(), detail::part_range(out_features(), parts, p, 8),
+                                 detail::part_range(in_features(), parts, p, 8), s, m_dA_t);
     };
-    if (parts == 1)
-      gradients(0);
-    else
-      detail::parallel_parts(parts, gradients);
+    detail::parallel_parts(parts, gradients);  // one part: on the calling thread
   }
 
   void capture_probe_input(const ConstRef<Scalar>& x) {

@@ -101,12 +101,14 @@ void load_state(const StateReader& in, LoRA<Scalar, Base>& lora) {
 // --- the rest of the adapter family --------------------------------------------------------------
 
 namespace detail {
-/// The common checks before an adapter is restored: its kind, its size, and that it is not merged.
+/// The common checks before an adapter is restored: its kind, its size, and that it is not merged
+/// (for an adapter that can be merged).
 template <typename AdapterType>
 void check_adapter_header(const StateReader& in, const AdapterType& adapter, const char* kind) {
   if (in.string("kind") != kind) in.fail("holds a '", in.string("kind"), "' adapter, not a ", kind, " adapter");
-  if (adapter.is_merged())
-    fail<StateError>("rankwise::load_state", "a merged ", kind, " adapter cannot be restored; unmerge() first");
+  if constexpr (Mergeable<AdapterType>)
+    if (adapter.is_merged())
+      fail<StateError>("rankwise::load_state", "a merged ", kind, " adapter cannot be restored; unmerge() first");
   if (in.integer("in_features") != adapter.in_features() || in.integer("out_features") != adapter.out_features())
     in.fail("is a ", in.integer("out_features"), " x ", in.integer("in_features"), " adapter but the model's is ",
             adapter.out_features(), " x ", adapter.in_features());
@@ -122,8 +124,9 @@ void check_finite_state(const StateReader& in, const char* key, const Eigen::Mat
 
 template <typename AdapterType>
 void write_adapter_header(StateWriter& out, const AdapterType& adapter, const char* kind) {
-  if (adapter.is_merged())
-    fail<StateError>("rankwise::save_state", "a merged ", kind, " adapter cannot be saved; unmerge() first");
+  if constexpr (Mergeable<AdapterType>)
+    if (adapter.is_merged())
+      fail<StateError>("rankwise::save_state", "a merged ", kind, " adapter cannot be saved; unmerge() first");
   out.json()["kind"] = kind;
   out.json()["in_features"] = adapter.in_features();
   out.json()["out_features"] = adapter.out_features();
@@ -321,10 +324,8 @@ inline const char* to_string(BoRAForward forward) { return forward == BoRAForwar
 /// routing, which belongs to a batch).
 template <FloatScalar Scalar, typename Base>
 void save_state(StateWriter& out, const BoRA<Scalar, Base>& bora) {
+  detail::write_adapter_header(out, bora, "bora");
   nlohmann::json& j = out.json();
-  j["kind"] = "bora";
-  j["in_features"] = bora.in_features();
-  j["out_features"] = bora.out_features();
   j["tasks"] = bora.tasks();
   j["rank"] = bora.rank();
   j["alpha"] = bora.options().alpha;
@@ -345,10 +346,7 @@ void save_state(StateWriter& out, const BoRA<Scalar, Base>& bora) {
 /// gradients.
 template <FloatScalar Scalar, typename Base>
 void load_state(const StateReader& in, BoRA<Scalar, Base>& bora) {
-  if (in.string("kind") != "bora") in.fail("holds a '", in.string("kind"), "' adapter, not a BoRA adapter");
-  if (in.integer("in_features") != bora.in_features() || in.integer("out_features") != bora.out_features())
-    in.fail("is a ", in.integer("out_features"), " x ", in.integer("in_features"), " adapter but the model's is ",
-            bora.out_features(), " x ", bora.in_features());
+  detail::check_adapter_header(in, bora, "bora");
   if (in.integer("tasks") != bora.tasks())
     in.fail("was saved with ", in.integer("tasks"), " tasks but the model's BoRA has ", bora.tasks());
   if (in.integer("rank") != bora.rank() || in.number("alpha") != bora.options().alpha ||

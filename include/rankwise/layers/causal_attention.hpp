@@ -11,7 +11,8 @@
 ///             dQ_h = K_h dS, dK_h = Q_h dS^T
 ///   shapes  q, k, v, o: d x (batch * seq_len), the tokens of one sequence in consecutive columns
 /// No parameters. Keeps P (seq_len x seq_len per sequence and head) for backward, and copies of q, k, v
-/// (forward) or references to the caller's q, k, v (forward_borrowed). Docs: docs/layers/attention.md
+/// (forward) or references to the caller's q, k, v (forward_borrowed). The (sequence, head) pairs are
+/// cut into blocks on rankwise's threads (core/parallel.hpp). Docs: docs/layers/attention.md
 
 #include <rankwise/core/error.hpp>
 #include <rankwise/core/parallel.hpp>
@@ -108,10 +109,7 @@ class CausalSelfAttention {
         dk.block(h * dh, b * T, dh, T).noalias() = q.block(h * dh, b * T, dh, T) * dS.transpose();
       }
     };
-    if (parts == 1)
-      part(0);
-    else
-      detail::parallel_parts(parts, part);
+    detail::parallel_parts(parts, part);  // one part: on the calling thread
   }
 
   /// The attention weights of the last forward: column i of block (b, h) is query i's distribution.
@@ -125,7 +123,7 @@ class CausalSelfAttention {
     const Scalar scale = Scalar(1.0 / std::sqrt(double(dh)));
     m_P.resize(T, pairs * T);
     o.resize(m_d, n);
-    const Index parts = prepare_scratch(pairs, T);
+    const Index parts = detail::parts_for(pairs, 4);  // backward's cut (prepare_scratch), without its scratch
     auto part = [&](Index p) {
       const auto [first, last] = detail::part_range(pairs, parts, p, 1);
       for (Index pair = first; pair < last; ++pair) {
@@ -142,16 +140,13 @@ class CausalSelfAttention {
         o.block(h * dh, b * T, dh, T).noalias() = v.block(h * dh, b * T, dh, T) * P;
       }
     };
-    if (parts == 1)
-      part(0);
-    else
-      detail::parallel_parts(parts, part);
+    detail::parallel_parts(parts, part);  // one part: on the calling thread
     m_seq_len = m_training ? T : -1;
     m_cols = n;
   }
 
   /// The cut of `pairs` (sequence, head) pairs into parts (one per thread, at least 4 pairs each)
-  /// and a scratch per part, allocated only when the shapes change.
+  /// and a scratch per part for backward, allocated only when the shapes change.
   Index prepare_scratch(Index pairs, Index T) {
     const Index parts = detail::parts_for(pairs, 4);
     if (Index(m_scratch.size()) < parts) m_scratch.resize(std::size_t(parts));
