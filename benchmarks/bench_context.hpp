@@ -5,6 +5,7 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -20,6 +21,20 @@ char* openblas_get_config(void);
 #endif
 
 namespace rankwise::bench {
+
+/// The mean of v (0 when empty) and its sample standard deviation (0 below two values).
+inline double mean(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / double(v.size());
+}
+inline double sd(const std::vector<double>& v) {
+  if (v.size() < 2) return 0.0;
+  const double m = mean(v);
+  double s = 0.0;
+  for (double x : v) s += (x - m) * (x - m);
+  return std::sqrt(s / double(v.size() - 1));
+}
 
 /// The non-empty items of a comma-separated list ("lora,,gain" -> {"lora", "gain"}).
 inline std::vector<std::string> split_list(const std::string& list) {

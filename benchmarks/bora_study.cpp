@@ -16,6 +16,8 @@
 // <out>/summary.md.
 // Run: build/benchmarks/bora_study [--configs 8] [--seeds 3] [--steps 400] [--lr 0.02 | --paper-lr
 //      [--lr-per-tau 1e-5] [--lr-at-zero 1e-4]] [--taus 0,0.1,...] [--out DIR] (docs/adapters/bora.md)
+#include "bench_context.hpp"
+
 #include <rankwise/adapters/bora.hpp>
 #include <rankwise/core/init.hpp>
 #include <rankwise/detail/rank_correlation.hpp>
@@ -163,18 +165,8 @@ Result train(const Config& c, double tau, bool shared, std::uint64_t seed, int s
   return r;
 }
 
-double mean(const std::vector<double>& v) {
-  double s = 0.0;
-  for (double x : v) s += x;
-  return v.empty() ? 0.0 : s / double(v.size());
-}
-double sd(const std::vector<double>& v) {
-  if (v.size() < 2) return 0.0;
-  const double m = mean(v);
-  double s = 0.0;
-  for (double x : v) s += (x - m) * (x - m);
-  return std::sqrt(s / double(v.size() - 1));
-}
+using rankwise::bench::mean;
+using rankwise::bench::sd;
 }  // namespace
 
 int main(int argc, char** argv) {

@@ -2,7 +2,7 @@
 """plot_bora.py: PNG plots of the BoRA study (benchmarks/bora_study) from its runs.csv.
 
 Usage:
-  plot_bora.py RESULTS_DIR [--out DIR]
+  plot_bora.py RESULTS_DIR [--out DIR] [--error LABEL] [--size LABEL]
 
 RESULTS_DIR holds runs.csv with the columns
   config,seed,method,tau,task,train_columns,validation_excess,test_excess,distance
@@ -16,6 +16,9 @@ The plots go to --out (default: RESULTS_DIR):
                         task's training columns (log-log), one point per task, mean over seeds
   gain_vs_size.png      test excess error of tau = 0 minus BoRA at the chosen tau, per task, against
                         its training columns
+--error and --size name the error and the data size on the axes (defaults: the layer study's "excess
+MSE" and "training columns"; benchmarks/bora_lm_study writes the same columns with a held-out KL and
+training sequences: --error "held-out KL (nats/token)" --size "training sequences").
 tau is chosen per configuration by the validation error (task mean, seed mean), as the study does.
 Needs matplotlib (Debian: python3-matplotlib, run with /usr/bin/python3). Exit status: 0 when every
 plot was written; 2 for bad input (the message names the file, line and column); 3 when matplotlib
@@ -91,7 +94,7 @@ def summarise(rows):
     return out
 
 
-def plot(summary, out_dir):
+def plot(summary, out_dir, error_label="excess MSE", size_label="training columns"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -123,7 +126,7 @@ def plot(summary, out_dir):
     ax.set_xticks(xs)
     ax.set_xticklabels(["0" if t == 0 else f"{t:g}" for t in taus])
     ax.set_xlabel("tau (prior precision)")
-    ax.set_ylabel("held-out excess MSE")
+    ax.set_ylabel(f"held-out {error_label}" if not error_label.startswith("held-out") else error_label)
     ax.set_title(f"BoRA tau sweep, {len(summary)} configurations (band: sd over them)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -142,7 +145,7 @@ def plot(summary, out_dir):
             gains.append(statistics.fmean(r["test"] for r in independent[task]) - statistics.fmean(r["test"] for r in runs)
                          if independent else math.nan)
     for values, name, ylabel, log_y in ((distances, "distance_vs_size.png", "||theta_d - Theta|| at the chosen tau", True),
-                                        (gains, "gain_vs_size.png", "excess MSE: tau = 0 minus BoRA", False)):
+                                        (gains, "gain_vs_size.png", f"{error_label}: tau = 0 minus BoRA", False)):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for t in sorted(set(chosen_taus)):
             pick = [i for i, c in enumerate(chosen_taus) if c == t]
@@ -153,7 +156,7 @@ def plot(summary, out_dir):
             ax.set_yscale("log")
         else:
             ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("training columns of the task")
+        ax.set_xlabel(f"{size_label} of the task")
         ax.set_ylabel(ylabel)
         ax.set_title(f"one point per task, {len(summary)} configurations")
         fig.tight_layout()
@@ -165,6 +168,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results")
     parser.add_argument("--out")
+    parser.add_argument("--error", default="excess MSE", help="what the error columns measure (axis label)")
+    parser.add_argument("--size", default="training columns", help="what train_columns counts (axis label)")
     args = parser.parse_args()
     try:
         summary = summarise(load(os.path.join(args.results, "runs.csv")))
@@ -172,7 +177,7 @@ def main():
         print(f"plot_bora.py: {e}", file=sys.stderr)
         sys.exit(2)
     out = args.out or args.results
-    plot(summary, out)
+    plot(summary, out, args.error, args.size)
     print(f"plots in {out}: tau_curve.png, distance_vs_size.png, gain_vs_size.png")
 
 

@@ -6,6 +6,7 @@
 #include <rankwise/io/checkpoint.hpp>
 #include <rankwise/io/peft_bora.hpp>
 #include <rankwise/io/state.hpp>
+#include <rankwise/models/bora_host.hpp>
 #include <rankwise/testing/gradient_check.hpp>
 
 #include "support/matchers.hpp"
@@ -15,7 +16,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
 using rankwise::BoRA;
@@ -50,6 +53,29 @@ BoRA<double> make_bora(BoRAForward forward, BoRAPrior prior, Random& rng, Index 
                     rng);
   randomize_bora(bora, rng);
   return bora;
+}
+
+// The largest difference between the prior's gradient (add_prior_gradient, from zero) and central
+// differences of prior_penalty(), over every trainable value.
+double prior_gradient_error(BoRA<double>& bora) {
+  bora.zero_grad();
+  bora.add_prior_gradient();
+  const double h = 1e-6;
+  double worst = 0.0;
+  for (auto* p : bora.parameters()) {
+    if (!p->trainable) continue;
+    for (Index i = 0; i < p->value.size(); ++i) {
+      double& slot = p->value.data()[i];
+      const double saved = slot;
+      slot = saved + h;
+      const double plus = bora.prior_penalty();
+      slot = saved - h;
+      const double minus = bora.prior_penalty();
+      slot = saved;
+      worst = std::max(worst, std::abs((plus - minus) / (2 * h) - p->grad.data()[i]));
+    }
+  }
+  return worst;
 }
 
 // The delta one column sees, formed densely: s B_d A_d (Joined: + s B_Θ A_Θ).
@@ -129,22 +155,7 @@ TEST_CASE("BoRA: the prior's gradient matches finite differences of its value, f
       const double value = bora.add_prior_gradient();
       CHECK(value == Approx(bora.prior_penalty()).epsilon(1e-15));
       CHECK(value > 0.0);
-      const double h = 1e-6;
-      double worst = 0.0;
-      for (auto* p : bora.parameters()) {
-        if (!p->trainable) continue;
-        for (Index i = 0; i < p->value.size(); ++i) {
-          double& slot = p->value.data()[i];
-          const double saved = slot;
-          slot = saved + h;
-          const double plus = bora.prior_penalty();
-          slot = saved - h;
-          const double minus = bora.prior_penalty();
-          slot = saved;
-          worst = std::max(worst, std::abs((plus - minus) / (2 * h) - p->grad.data()[i]));
-        }
-      }
-      CHECK(worst < 1e-7);
+      CHECK(prior_gradient_error(bora) < 1e-7);
       if (mode == BoRAForward::Joined) CHECK(bora.global_A_parameter().grad.isZero(0.0));
     }
 }
@@ -379,4 +390,146 @@ TEST_CASE("BoRA: a checkpoint restores every factor and tau bit for bit, and ref
   // assign_factors checks before it changes anything.
   CHECK_THROWS_WITH(squared.assign_factors({{Matrix<double>::Zero(2, 6), Matrix<double>::Zero(5, 2)}}),
                     Catch::Contains("need 4 pairs"));
+}
+
+TEST_CASE("BoRA with offsets: the same model and objective as the paper's parametrization, Θ gets every task's "
+          "gradient, and checkpoints say which they hold",
+          "[adapters][bora][gradcheck]") {
+  using rankwise::BoRAParametrization;
+  Random rng(42);
+  BoRA<double> direct = make_bora(BoRAForward::Task, BoRAPrior::Squared, rng);
+  BoRA<double> offsets(Linear<double>(direct.base()), {.tasks = 3, .rank = 2, .alpha = 3.0, .tau = 0.7,
+                                                        .parametrization = BoRAParametrization::Offsets},
+                       rng);
+  // The same θ_d: δ_d = θ_d − Θ.
+  offsets.global_A_parameter().value = direct.global_A();
+  offsets.global_B_parameter().value = direct.global_B();
+  for (Index d = 0; d < 3; ++d) {
+    offsets.A_parameter(d).value = direct.A(d) - direct.global_A();
+    offsets.B_parameter(d).value = direct.B(d) - direct.global_B();
+    CHECK_THAT(offsets.task_factors_as_lora(d).first, is_close_to(direct.A(d), 1e-15, 1e-15));
+    CHECK(offsets.distance_from_global(d) == Approx(direct.distance_from_global(d)).epsilon(1e-14));
+  }
+  CHECK(offsets.prior_penalty() == Approx(direct.prior_penalty()).epsilon(1e-14));
+  const Index n = Index(kMixedTasks.size());
+  const Matrix<double> x = random_matrix<double>(6, n, rng), dy = random_matrix<double>(5, n, rng);
+  Matrix<double> y1, y2, dx1, dx2;
+  for (BoRA<double>* layer : {&direct, &offsets}) {
+    layer->set_routing(TaskRouting(kMixedTasks, 3));
+    layer->zero_grad();
+  }
+  direct.forward(x, y1);
+  direct.backward(dy, dx1);
+  offsets.forward(x, y2);
+  offsets.backward(dy, dx2);
+  CHECK_THAT(y2, is_close_to(y1, 1e-13, 1e-13));
+  CHECK_THAT(dx2, is_close_to(dx1, 1e-13, 1e-13));
+  // The data's gradient of δ_d is θ_d's; Θ's is the sum of every task's (in the paper's form, zero).
+  Matrix<double> sum_A = Matrix<double>::Zero(2, 6), sum_B = Matrix<double>::Zero(5, 2);
+  for (Index d = 0; d < 3; ++d) {
+    CHECK_THAT(offsets.A_parameter(d).grad, is_close_to(direct.A_parameter(d).grad, 1e-12, 1e-12));
+    CHECK_THAT(offsets.B_parameter(d).grad, is_close_to(direct.B_parameter(d).grad, 1e-12, 1e-12));
+    sum_A += direct.A_parameter(d).grad;
+    sum_B += direct.B_parameter(d).grad;
+  }
+  CHECK(direct.global_A_parameter().grad.isZero(0.0));
+  CHECK_THAT(offsets.global_A_parameter().grad, is_close_to(sum_A, 1e-12, 1e-12));
+  CHECK_THAT(offsets.global_B_parameter().grad, is_close_to(sum_B, 1e-12, 1e-12));
+
+  // Finite differences in double: the data terms, and the prior (on the offsets alone), both priors.
+  {
+    const auto result = rankwise::testing::check_gradients(offsets, x, rng);
+    INFO(result.worst);
+    CHECK(result.max_error < 1e-7);
+  }
+  for (BoRAPrior prior : {BoRAPrior::Squared, BoRAPrior::Unsquared}) {
+    BoRA<double> p(Linear<double>(direct.base()), {.tasks = 3, .rank = 2, .alpha = 3.0, .tau = 0.7, .prior = prior,
+                                                    .parametrization = BoRAParametrization::Offsets},
+                   rng);
+    randomize_bora(p, rng);
+    p.zero_grad();
+    CHECK(p.add_prior_gradient() == Approx(p.prior_penalty()).epsilon(1e-15));
+    CHECK(prior_gradient_error(p) < 1e-7);
+    CHECK(p.global_A_parameter().grad.isZero(0.0));  // the prior does not touch Θ
+  }
+
+  // The seeded init draws the same θ_d as the paper's form.
+  Random r1(7), r2(7);
+  BoRA<double> a(Linear<double>(direct.base()), {.tasks = 2, .rank = 2}, r1);
+  BoRA<double> b(Linear<double>(direct.base()), {.tasks = 2, .rank = 2, .parametrization = BoRAParametrization::Offsets}, r2);
+  for (Index d = 0; d < 2; ++d) CHECK(rankwise::test_support::same_bits(b.task_factors_as_lora(d).first, a.A(d)));
+
+  // set_global_to_mean keeps every task's factors and moves the offsets' mean into Θ.
+  const Matrix<double> before = offsets.task_factors_as_lora(1).second;
+  offsets.set_global_to_mean();
+  CHECK_THAT(offsets.task_factors_as_lora(1).second, is_close_to(before, 1e-14, 1e-14));
+  CHECK((offsets.A(0) + offsets.A(1) + offsets.A(2)).norm() < 1e-13);
+
+  // Offsets with the Joined forward is refused; a checkpoint of the other parametrization too.
+  CHECK_THROWS_WITH(BoRA<double>(Linear<double>(4, 4, rng), {.rank = 2, .forward = BoRAForward::Joined,
+                                                              .parametrization = BoRAParametrization::Offsets},
+                                 rng),
+                    Catch::Contains("parametrization Offsets applies to forward Task"));
+  rankwise::test_support::TempDir dir("bora_offsets_checkpoint");
+  rankwise::CheckpointWriter writer;
+  writer.add("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &offsets}});
+  writer.write(dir.path);
+  rankwise::CheckpointReader reader(dir.path);
+  const Matrix<double> kept = direct.A(0);
+  CHECK_THROWS_WITH(reader.restore("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &direct}}),
+                    Catch::Contains("stores its task adapters as 'offsets' but the model's BoRA stores them as 'direct'"));
+  CHECK(rankwise::test_support::same_bits(direct.A(0), kept));
+  BoRA<double> back(Linear<double>(direct.base()), {.tasks = 3, .rank = 2, .alpha = 3.0,
+                                                     .parametrization = BoRAParametrization::Offsets},
+                    rng);
+  reader.restore("adapters", std::vector<rankwise::NamedAdapter<BoRA<double>>>{{"q", &back}});
+  for (Index d = 0; d < 3; ++d) CHECK(rankwise::test_support::same_bits(back.A(d), offsets.A(d)));
+}
+
+TEST_CASE("BoRA in a model: inject_bora, routing by sequence, the prior of every module", "[adapters][bora]") {
+  // A host of two slots (any ModuleHost works: here a SlotList-like struct).
+  struct Host {
+    rankwise::AnyLinear<double> first, second;
+    void for_each_slot(const std::function<void(const std::string&, rankwise::AnyLinear<double>&)>& f) {
+      f("first", first);
+      f("second", second);
+    }
+  };
+  Random rng(43);
+  Host host{Linear<double>(4, 6, rng), Linear<double>(6, 3, rng)};
+  const auto modules = rankwise::inject_bora<double>(host, {"second", "first"}, {.tasks = 2, .rank = 2, .tau = 2.0}, rng);
+  REQUIRE(modules.size() == 2);
+  CHECK(modules[0].path == "second");
+  CHECK(host.first.kind() == "bora");
+  CHECK(rankwise::bora_modules<double>(host).size() == 2);
+  // Two sequences of 3 columns: tasks 1 then 0.
+  const TaskRouting routing = TaskRouting::by_sequence(std::vector<std::int32_t>{1, 0}, 3, 2);
+  REQUIRE(routing.runs().size() == 2);
+  CHECK(routing.runs()[0].task == 1);
+  CHECK(routing.runs()[1].begin == 3);
+  CHECK(rankwise::set_task_routing<double>(host, routing) == 2);
+  CHECK(host.second.as<BoRA<double>>().routing().columns() == 6);
+  for (const auto& m : modules) randomize_bora(*m.layer, rng);
+  host.first.zero_grad();
+  host.second.zero_grad();
+  const double penalty = rankwise::add_bora_prior_gradients<double>(host);
+  CHECK(penalty == Approx(modules[0].layer->prior_penalty() + modules[1].layer->prior_penalty()).epsilon(1e-15));
+  CHECK(!modules[1].layer->A_parameter(0).grad.isZero(0.0));
+  rankwise::set_bora_tau<double>(host, 5.0);
+  CHECK(modules[0].layer->tau() == 5.0);
+  CHECK_THROWS_WITH(rankwise::set_bora_tau<double>(host, -1.0), Catch::Contains("tau must be"));
+  CHECK(modules[1].layer->tau() == 5.0);
+  // Bad input: nothing changes.
+  Host other{Linear<double>(4, 6, rng), Linear<double>(6, 3, rng)};
+  CHECK_THROWS_WITH(rankwise::inject_bora<double>(other, {"first", "third"}, {.tasks = 2, .rank = 2}, rng),
+                    Catch::Contains("the model has no linear module 'third'"));
+  CHECK(other.first.kind() == "linear");
+  CHECK_THROWS_WITH(rankwise::inject_bora<double>(other, {"first", "first"}, {.tasks = 2, .rank = 2}, rng),
+                    Catch::Contains("module 'first' is named twice"));
+  CHECK_THROWS_WITH(rankwise::inject_bora<double>(other, {"second"}, {.tasks = 2, .rank = 4}, rng),
+                    Catch::Contains("module 'second': "));
+  CHECK(other.second.kind() == "linear");
+  CHECK_THROWS_WITH(rankwise::set_task_routing<double>(host, TaskRouting::uniform(6, 0, 3)),
+                    Catch::Contains("the routing is for 3 tasks, module 'first' has 2"));
+  CHECK_THROWS_WITH(TaskRouting::by_sequence(std::vector<std::int32_t>{0}, 0, 2), Catch::Contains("seq_len must be >= 1"));
 }

@@ -141,10 +141,15 @@ TEST_CASE("VeRA, RED, MELoRA + AdamW: a steady-state training step does not allo
 
 TEST_CASE("BoRA + AdamW: a step with routing set per batch and the prior does not allocate", "[alloc][adapters][bora]") {
   Random rng(6);
-  for (auto forward : {rankwise::BoRAForward::Task, rankwise::BoRAForward::Joined})
+  // (Task, Direct), (Joined, Direct), (Task, Offsets): every forward mode and parametrization.
+  for (int setup = 0; setup < 3; ++setup)
     for (auto prior : {rankwise::BoRAPrior::Squared, rankwise::BoRAPrior::Unsquared}) {
+      const auto forward = setup == 1 ? rankwise::BoRAForward::Joined : rankwise::BoRAForward::Task;
+      const auto parametrization = setup == 2 ? rankwise::BoRAParametrization::Offsets : rankwise::BoRAParametrization::Direct;
       rankwise::BoRA<float> bora(rankwise::Linear<float>(64, 48, rng),
-                                 {.tasks = 3, .rank = 4, .tau = 0.5, .prior = prior, .forward = forward}, rng);
+                                 {.tasks = 3, .rank = 4, .tau = 0.5, .prior = prior, .forward = forward,
+                                  .parametrization = parametrization},
+                                 rng);
       rankwise::AdamW<float> opt(bora.parameters(), {});
       std::vector<std::int32_t> ids(32);
       for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = std::int32_t((j / 5 + j % 2) % 3);
@@ -164,7 +169,8 @@ TEST_CASE("BoRA + AdamW: a step with routing set per batch and the prior does no
       rankwise::test_support::start_counting_allocations();
       for (int i = 0; i < 5; ++i) step();
       const auto count = rankwise::test_support::stop_counting_allocations();
-      INFO("forward mode " << int(forward) << ", prior " << int(prior) << ": " << count.calls << " allocations");
+      INFO("forward mode " << int(forward) << ", parametrization " << int(parametrization) << ", prior " << int(prior)
+                           << ": " << count.calls << " allocations");
       CHECK(count.calls == 0);
     }
 }

@@ -5,6 +5,7 @@
 // model, the model must be unchanged afterwards. The fragments are the contract listed in
 // docs/errors.md ("The catalogue"): the last test case checks that the page lists every one.
 // Run with RANKWISE_CATALOGUE_PRINT=1 to print every case with its full message.
+#include <rankwise/adapters/bora.hpp>
 #include <rankwise/adapters/factory.hpp>
 #include <rankwise/core/pattern.hpp>
 #include <rankwise/io/checkpoint.hpp>
@@ -13,6 +14,7 @@
 #include <rankwise/io/safetensors.hpp>
 #include <rankwise/io/state.hpp>
 #include <rankwise/models/adapter_set.hpp>
+#include <rankwise/models/bora_host.hpp>
 #include <rankwise/models/trainer.hpp>
 #include <rankwise/optim/adamw.hpp>
 #include <rankwise/optim/lr_schedule.hpp>
@@ -669,6 +671,25 @@ void add_option_cases(std::vector<Case>& cases) {
     Matrix<float> A = Matrix<float>::Ones(2, 4), B = Matrix<float>::Ones(4, 2);
     B(1, 1) = std::numeric_limits<float>::quiet_NaN();
     rankwise::VeRAProjections<float> bank(A, B);
+  });
+  const auto bora = [](rankwise::BoRAOptions o) {
+    Random rng(1);
+    rankwise::BoRA<float> b(Linear<float>(4, 4, rng), o, rng);
+  };
+  bad("BoRA with no tasks", "tasks must be >= 1 (got 0)", [=] { bora({.tasks = 0, .rank = 2}); });
+  bad("BoRA with a negative tau", "tau must be a finite number >= 0 (got -1)", [=] { bora({.rank = 2, .tau = -1.0}); });
+  bad("BoRA offsets with the joined forward", "parametrization Offsets applies to forward Task", [=] {
+    bora({.rank = 2, .forward = rankwise::BoRAForward::Joined, .parametrization = rankwise::BoRAParametrization::Offsets});
+  });
+  bad("a task routing with a task id out of range", "task ids must be in [0, 3) (got 3 for column 1)", [] {
+    rankwise::TaskRouting(std::vector<std::int32_t>{0, 3}, 3);
+  });
+  bad("BoRA injected into a module the model does not have", "the model has no linear module 'v_proj'", [] {
+    Random rng(1);
+    AnyLinear<float> q(Linear<float>(4, 4, rng));
+    rankwise::SlotList<float> host;
+    host.add("q_proj", q);
+    (void)rankwise::inject_bora<float>(host, {"q_proj", "v_proj"}, {.rank = 2}, rng);
   });
   bad("an unknown adapter name", "adapter name must be one of", [] {
     Random rng(1);

@@ -48,6 +48,13 @@ enum class BoRAPrior { Squared, Unsquared };
 /// The task adapter alone (the paper), or the global adapter plus the task's (the official code's
 /// default mode "joined_grad").
 enum class BoRAForward { Task, Joined };
+/// How the task adapters are stored (Task mode): θ_d itself, as the paper writes it (Direct), or its
+/// offset from the global adapter, δ_d = θ_d − Θ (Offsets). The model and the objective are the same;
+/// what differs is what the optimizer steps on. With Adam at a large τ, Direct's spring τ(θ_d − Θ)
+/// dominates every task's and Θ's gradient, and Θ, which the data reach only through the springs,
+/// learns slowly; with offsets Θ receives every task's data gradient directly and the prior acts
+/// on the offsets alone (docs/adapters/bora.md#parametrization has the measurements).
+enum class BoRAParametrization { Direct, Offsets };
 
 struct BoRAOptions {
   Index tasks = 2;           ///< D >= 1
@@ -59,6 +66,7 @@ struct BoRAOptions {
   BoRAForward forward = BoRAForward::Task;
   double init_noise = 1e-3;  ///< sd of the noise the task adapters start from, >= 0
   LoRAInit init = LoRAInit::KaimingUniform;  ///< how A_Θ is drawn
+  BoRAParametrization parametrization = BoRAParametrization::Direct;  ///< Offsets: Task mode only
 };
 
 /// The paper's learning-rate rule: the prior's gradient grows with τ, so the learning rate does too,
@@ -91,6 +99,17 @@ class TaskRouting {
   /// Every column in task `task`.
   static TaskRouting uniform(Index columns, Index task, Index tasks) {
     const std::vector<std::int32_t> ids(std::size_t(std::max<Index>(columns, 0)), std::int32_t(task));
+    return TaskRouting(ids, tasks);
+  }
+
+  /// One task per sequence of a batch whose columns are sequence after sequence, seq_len columns each
+  /// (the layout of ToyTransformer and of most sequence models): sequence i's columns go to task
+  /// task_of_sequence[i]. seq_len >= 1.
+  static TaskRouting by_sequence(std::span<const std::int32_t> task_of_sequence, Index seq_len, Index tasks) {
+    if (seq_len < 1) detail::fail("rankwise::TaskRouting", "seq_len must be >= 1 (got ", seq_len, ")");
+    std::vector<std::int32_t> ids;
+    ids.reserve(task_of_sequence.size() * std::size_t(seq_len));
+    for (const std::int32_t task : task_of_sequence) ids.insert(ids.end(), std::size_t(seq_len), task);
     return TaskRouting(ids, tasks);
   }
 
@@ -152,6 +171,13 @@ class BoRA {
       detail::fail("rankwise::BoRA", "prior must be Squared or Unsquared (got enum value ", int(options.prior), ")");
     if (options.forward != BoRAForward::Task && options.forward != BoRAForward::Joined)
       detail::fail("rankwise::BoRA", "forward must be Task or Joined (got enum value ", int(options.forward), ")");
+    if (options.parametrization != BoRAParametrization::Direct &&
+        options.parametrization != BoRAParametrization::Offsets)
+      detail::fail("rankwise::BoRA", "parametrization must be Direct or Offsets (got enum value ",
+                   int(options.parametrization), ")");
+    if (options.parametrization == BoRAParametrization::Offsets && options.forward == BoRAForward::Joined)
+      detail::fail("rankwise::BoRA", "parametrization Offsets applies to forward Task (in Joined mode the task "
+                                     "adapters already are offsets added to the global one)");
     m_base.set_trainable(false);
     const Index r = options.rank;
     m_global.A.value.resize(r, in_features());
@@ -161,15 +187,23 @@ class BoRA {
       fill_kaiming_uniform(m_global.A.value, in_features(), rng);
     m_global.B.value.setZero(out_features(), r);
     m_tasks.resize(std::size_t(options.tasks));
-    const bool joined = options.forward == BoRAForward::Joined;
     for (Factors& task : m_tasks) {
       task.A.value.resize(r, in_features());
       task.B.value.resize(out_features(), r);
       fill_normal(task.A.value, 0.0, options.init_noise, rng);
       fill_normal(task.B.value, 0.0, options.init_noise, rng);
-      if (!joined) {
+      if (!stores_offsets()) {
         task.A.value += m_global.A.value;
         task.B.value += m_global.B.value;
+      }
+    }
+    if (offsets()) {  // the factors each task computes with, Θ + δ_d, refreshed by every forward()
+      m_effective.resize(m_tasks.size());
+      for (Factors& f : m_effective) {
+        f.A.value.resize(r, in_features());
+        f.B.value.resize(out_features(), r);
+        f.A.zero_grad();
+        f.B.zero_grad();
       }
     }
     name_parameters("");
@@ -194,6 +228,8 @@ class BoRA {
   }
 
   const Base& base() const { return m_base; }
+  /// The stored factors of a task: θ_d (Direct; Joined: the task's own adapter), or δ_d = θ_d − Θ
+  /// (Offsets). task_factors_as_lora() gives what the task computes with in every case.
   const MatrixType& A(Index task) const { return task_factors(task).A.value; }
   const MatrixType& B(Index task) const { return task_factors(task).B.value; }
   const MatrixType& global_A() const { return m_global.A.value; }
@@ -239,9 +275,14 @@ class BoRA {
     const bool joined = m_options.forward == BoRAForward::Joined;
     m_u.resize(rank(), x.cols());
     if (joined) m_u_global.resize(rank(), x.cols());
+    if (offsets())
+      for (std::size_t d = 0; d < m_tasks.size(); ++d) {
+        m_effective[d].A.value.noalias() = m_global.A.value + m_tasks[d].A.value;
+        m_effective[d].B.value.noalias() = m_global.B.value + m_tasks[d].B.value;
+      }
     detail::parallel_blocks(x.cols(), 128, [&](Index c, Index w) {
       for_runs_in(c, w, [&](Index begin, Index count, Index task) {
-        add_branch(m_tasks[std::size_t(task)], m_u, x, y, begin, count, s);
+        add_branch(used(task), m_u, x, y, begin, count, s);
       });
       if (joined) add_branch(m_global, m_u_global, x, y, c, w, s);
     });
@@ -257,7 +298,7 @@ class BoRA {
     if (joined) m_t_global.resize(rank(), dy.cols());
     detail::parallel_blocks(dy.cols(), 128, [&](Index c, Index w) {
       for_runs_in(c, w, [&](Index begin, Index count, Index task) {
-        add_branch_dx(m_tasks[std::size_t(task)], m_t, dy, dx, begin, count, s);
+        add_branch_dx(used(task), m_t, dy, dx, begin, count, s);
       });
       if (joined) add_branch_dx(m_global, m_t_global, dy, dx, c, w, s);
     });
@@ -265,10 +306,15 @@ class BoRA {
     // row blocks of the B's and column blocks of the A's, so no part sums what another writes.
     const Index parts = std::min(detail::parts_for(out_features(), 32), detail::parts_for(in_features(), 32));
     m_dA_t.resize(in_features(), rank());
+    if (offsets())
+      for (Factors& f : m_effective) {
+        f.A.grad.setZero();
+        f.B.grad.setZero();
+      }
     auto gradients = [&](Index p) {
       const auto rows = detail::part_range(out_features(), parts, p, 8), cols = detail::part_range(in_features(), parts, p, 8);
       for (const TaskRouting::Run& run : m_routing.runs()) {
-        Factors& f = m_tasks[std::size_t(run.task)];
+        Factors& f = used(run.task);
         detail::add_lora_gradients(f.A, f.B, dy, m_u, m_t, m_x, run.begin, run.count, rows, cols, s, m_dA_t);
       }
       if (joined)
@@ -276,6 +322,15 @@ class BoRA {
                                    m_dA_t);
     };
     detail::parallel_parts(parts, gradients);  // one part: on the calling thread
+    if (offsets())  // θ_d = Θ + δ_d: the gradient of θ_d is both δ_d's and (summed over tasks) Θ's
+      for (std::size_t d = 0; d < m_tasks.size(); ++d)
+        for (int which = 0; which < 2; ++which) {
+          const MatrixType& g = which == 0 ? m_effective[d].A.grad : m_effective[d].B.grad;
+          Parameter<Scalar>& task = which == 0 ? m_tasks[d].A : m_tasks[d].B;
+          Parameter<Scalar>& global = which == 0 ? m_global.A : m_global.B;
+          if (task.wants_grad()) task.grad += g;
+          if (global.wants_grad()) global.grad += g;
+        }
   }
 
   /// Every parameter: the base's (frozen), then Θ's A and B, then each task's A and B.
@@ -295,7 +350,7 @@ class BoRA {
 
   // --- the prior ---------------------------------------------------------------------------------
   /// The prior's value: (τ/2) Σ_d ‖θ_d − Θ‖² (Squared) or τ Σ_d Σ_t ‖θ_d,t − Θ_t‖ (Unsquared); in
-  /// Joined mode the same of θ_d alone.
+  /// Joined mode the same of θ_d alone (with Offsets θ_d − Θ is the stored δ_d).
   double prior_penalty() const {
     double sum = 0.0;
     for (const Factors& f : m_tasks)
@@ -303,12 +358,12 @@ class BoRA {
     return sum;
   }
 
-  /// Adds the prior's gradient to every task's factors (and to Θ's, in Task mode) and returns the
+  /// Adds the prior's gradient to every task's factors (and to Θ's, in Task mode with Direct) and returns the
   /// prior's value. Call it once per step, after backward() and before the optimizer. For the
   /// unsquared norm, a tensor at distance 0 gets the subgradient 0.
   double add_prior_gradient() {
     const double tau = m_options.tau;
-    const bool joined = m_options.forward == BoRAForward::Joined;
+    const bool own = stores_offsets();  // the stored tensor is the distance itself: Θ gets no prior term
     double sum = 0.0;  // the prior's value, from the distances the weights need anyway
     for (Factors& f : m_tasks)
       for (int which = 0; which < 2; ++which) {
@@ -320,7 +375,7 @@ class BoRA {
         if (m_options.prior == BoRAPrior::Unsquared) weight = squared > 0.0 ? tau / std::sqrt(squared) : 0.0;
         if (weight == 0.0) continue;
         const Scalar w = Scalar(weight);
-        if (joined) {
+        if (own) {
           if (task.wants_grad()) task.grad.noalias() += w * task.value;
           continue;
         }
@@ -330,17 +385,34 @@ class BoRA {
     return sum;
   }
 
-  /// ‖θ_d − Θ‖ over A and B (Joined: ‖θ_d‖), the paper's distance of a task from the mean.
+  /// ‖θ_d − Θ‖ over A and B (Joined: ‖θ_d‖; Offsets: ‖δ_d‖), the paper's distance of a task from the mean.
   double distance_from_global(Index task) const {
     const Factors& f = task_factors(task);
     return std::sqrt(distance_squared(f, 0) + distance_squared(f, 1));
   }
 
   /// Sets Θ to the mean of the task adapters (for fixed θ_d, the Θ that minimises the squared prior).
-  /// Task mode only.
+  /// Task mode only. With Offsets the tasks' θ_d stay as they are: Θ takes the offsets' mean, which
+  /// each δ_d gives up.
   void set_global_to_mean() {
     if (m_options.forward == BoRAForward::Joined)
       detail::fail<StateError>("rankwise::BoRA", "set_global_to_mean(): in Joined mode Θ is not the tasks' mean");
+    if (offsets()) {
+      MatrixType mean_A = MatrixType::Zero(rank(), in_features()), mean_B = MatrixType::Zero(out_features(), rank());
+      for (const Factors& f : m_tasks) {
+        mean_A += f.A.value;
+        mean_B += f.B.value;
+      }
+      mean_A /= Scalar(tasks());
+      mean_B /= Scalar(tasks());
+      m_global.A.value += mean_A;
+      m_global.B.value += mean_B;
+      for (Factors& f : m_tasks) {
+        f.A.value -= mean_A;
+        f.B.value -= mean_B;
+      }
+      return;
+    }
     m_global.A.value.setZero();
     m_global.B.value.setZero();
     for (const Factors& f : m_tasks) {
@@ -376,11 +448,13 @@ class BoRA {
   }
 
   // --- one task as a plain LoRA ----------------------------------------------------------------
-  /// The factors task `task` computes with, as one LoRA of the same scale: (A_d, B_d) in Task mode,
-  /// ([A_Θ; A_d], [B_Θ B_d]) of rank 2r in Joined mode. Task −1: Θ alone.
+  /// The factors task `task` computes with, as one LoRA of the same scale: (A_d, B_d) in Task mode
+  /// (Offsets: (A_Θ + δA_d, B_Θ + δB_d)), ([A_Θ; A_d], [B_Θ B_d]) of rank 2r in Joined mode. Task −1:
+  /// Θ alone.
   std::pair<MatrixType, MatrixType> task_factors_as_lora(Index task) const {
     if (task == -1) return {m_global.A.value, m_global.B.value};
     const Factors& f = task_factors(task);
+    if (offsets()) return {m_global.A.value + f.A.value, m_global.B.value + f.B.value};
     if (m_options.forward == BoRAForward::Task) return {f.A.value, f.B.value};
     MatrixType A(2 * rank(), in_features()), B(out_features(), 2 * rank());
     A << m_global.A.value, f.A.value;
@@ -443,10 +517,16 @@ class BoRA {
     return m_options.prior == BoRAPrior::Squared ? 0.5 * m_options.tau * squared : m_options.tau * std::sqrt(squared);
   }
 
-  /// ‖θ_d,t − Θ_t‖² of A (which 0) or B (which 1); in Joined mode ‖θ_d,t‖².
+  bool offsets() const { return m_options.parametrization == BoRAParametrization::Offsets; }
+  /// Whether the stored task tensors are themselves what the prior measures (Joined, or Offsets).
+  bool stores_offsets() const { return m_options.forward == BoRAForward::Joined || offsets(); }
+  /// The factors a task computes with: its own (Direct, Joined) or Θ + δ_d (Offsets, from forward()).
+  Factors& used(Index task) { return offsets() ? m_effective[std::size_t(task)] : m_tasks[std::size_t(task)]; }
+
+  /// ‖θ_d,t − Θ_t‖² of A (which 0) or B (which 1); in Joined mode ‖θ_d,t‖² (Offsets: ‖δ_d,t‖²).
   double distance_squared(const Factors& f, int which) const {
     const MatrixType& task = which == 0 ? f.A.value : f.B.value;
-    if (m_options.forward == BoRAForward::Joined) return double(task.squaredNorm());
+    if (stores_offsets()) return double(task.squaredNorm());
     const MatrixType& global = which == 0 ? m_global.A.value : m_global.B.value;
     return double((task - global).squaredNorm());
   }
@@ -501,6 +581,7 @@ class BoRA {
   BoRAOptions m_options;
   Factors m_global;
   std::vector<Factors> m_tasks;
+  std::vector<Factors> m_effective;  // Offsets: Θ + δ_d of each task, with its gradient
   TaskRouting m_routing;
   bool m_training = true;
   Index m_cached_cols = -1;

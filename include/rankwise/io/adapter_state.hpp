@@ -318,6 +318,7 @@ void save_state(StateWriter& out, const AnyLinear<Scalar>& slot) {
 namespace detail {
 inline const char* to_string(BoRAPrior prior) { return prior == BoRAPrior::Squared ? "squared" : "unsquared"; }
 inline const char* to_string(BoRAForward forward) { return forward == BoRAForward::Task ? "task" : "joined"; }
+inline const char* to_string(BoRAParametrization p) { return p == BoRAParametrization::Direct ? "direct" : "offsets"; }
 }  // namespace detail
 
 /// Every task's factors and the global ones, τ and the options the factors depend on (not the
@@ -333,6 +334,7 @@ void save_state(StateWriter& out, const BoRA<Scalar, Base>& bora) {
   j["tau"] = bora.tau();
   j["prior"] = detail::to_string(bora.options().prior);
   j["forward"] = detail::to_string(bora.options().forward);
+  j["parametrization"] = detail::to_string(bora.options().parametrization);
   out.matrix("global/lora_A", bora.global_A());
   out.matrix("global/lora_B", bora.global_B());
   for (Index d = 0; d < bora.tasks(); ++d) {
@@ -341,7 +343,8 @@ void save_state(StateWriter& out, const BoRA<Scalar, Base>& bora) {
   }
 }
 
-/// Refuses a state of another shape, task count, rank, scaling, prior or forward mode, or with
+/// Refuses a state of another shape, task count, rank, scaling, prior, forward mode or
+/// parametrization (a state without one was written before there was a choice: Direct), or with
 /// non-finite values, before anything changes; then restores every factor and τ and clears the
 /// gradients.
 template <FloatScalar Scalar, typename Base>
@@ -358,6 +361,10 @@ void load_state(const StateReader& in, BoRA<Scalar, Base>& bora) {
     in.fail("was saved with the ", in.string("prior"), " prior and the ", in.string("forward"),
             " forward but the model's BoRA has ", detail::to_string(bora.options().prior), " and ",
             detail::to_string(bora.options().forward));
+  const std::string parametrization = in.has("parametrization") ? in.string("parametrization") : "direct";
+  if (parametrization != detail::to_string(bora.options().parametrization))
+    in.fail("stores its task adapters as '", parametrization, "' but the model's BoRA stores them as '",
+            detail::to_string(bora.options().parametrization), "' (the tensors mean different things)");
   const double tau = in.number("tau");
   if (!(tau >= 0.0) || !std::isfinite(tau)) in.fail("'tau' must be a finite number >= 0 (got ", tau, ")");
   std::vector<std::pair<Matrix<Scalar>, Matrix<Scalar>>> factors;  // global first
