@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs rankwise's test suite with ctest (Release).
 # Usage: scripts/test.sh [--benchmarks | --all] [extra cmake arguments]
-#   (default)     the library's suite: unit tests, allocation tests, every example (with its refusals),
-#                 the header check and the installed package
+#   (default)     the library's suite: unit tests, allocation tests, every example (with its refusals)
+#                 and the installed package (the header check, 70 compiles that run nothing, is left to
+#                 continuous integration's sanitizer stage; -DRANKWISE_HEADER_CHECK=ON adds it here)
 #   --benchmarks  the benchmarks' smoke runs and the harness and plot tests (builds the benchmarks)
 #   --all         both
 # e.g. scripts/test.sh -DRANKWISE_SANITIZE=ON
@@ -28,7 +29,7 @@ if [ "$mode" != library ]; then
 fi
 echo "== configuring $build_dir"
 # The caller's arguments come last, so that they win.
-rankwise_configure "$build_dir" "-DRANKWISE_BUILD_BENCHMARKS=$benchmarks" "$@"
+rankwise_configure "$build_dir" "-DRANKWISE_BUILD_BENCHMARKS=$benchmarks" -DRANKWISE_HEADER_CHECK=OFF "$@"
 echo "== building"
 ctest_filter=()
 if [ "$mode" = benchmarks ]; then
