@@ -23,6 +23,7 @@
 // Run: build/benchmarks/bora_lm_study [--configs 6] [--seeds 3] [--steps 300] [--jobs 2] [--out DIR]
 //      (docs/adapters/bora.md)
 #include "bench_context.hpp"
+#include "study_base.hpp"
 
 #include <rankwise/detail/rank_correlation.hpp>
 #include <rankwise/models/base_checkpoint.hpp>
@@ -281,10 +282,7 @@ int main(int argc, char** argv) {
   }
   Eigen::setNbThreads(1);
   const auto start = Clock::now();
-  const rankwise::TaskOptions task_options{.vocab = 128, .seq_len = 32, .letters = 16, .min_length = 2,
-                                           .max_length = 8, .max_digits = 4};
-  const rankwise::ToyTransformerConfig config{.vocab = 128, .d_model = 32, .heads = 4, .layers = 2, .d_ff = 128,
-                                              .max_seq_len = task_options.seq_len};
+  const rankwise::TaskOptions task_options = rankwise::bench::study_task_options();
   const rankwise::PretrainRecipe pretraining{.task_options = task_options, .steps = s.pretrain_steps, .batch = 32,
                                              .seed = 1};
   std::printf("# bora_lm_study: rankwise %s; %s; %s\n", rankwise::version_string, rankwise::bench::cpu_model().c_str(),
@@ -301,13 +299,9 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   const fs::path out = s.out;
   fs::create_directories(out);
-  const fs::path base_dir =
-      s.base.empty() ? out / "base-cache" / rankwise::base_checkpoint_name(config, pretraining) : fs::path(s.base);
-  rankwise::PretrainedBase<float> base = rankwise::load_or_pretrain<float>(config, pretraining, base_dir);
-  std::vector<std::string> paths;
-  base.model.for_each_slot([&](const std::string& path, rankwise::AnyLinear<float>&) {
-    if (path != "lm_head") paths.push_back(path);
-  });
+  rankwise::bench::StudyBase study = rankwise::bench::load_study_base(pretraining, out, s.base);
+  rankwise::PretrainedBase<float>& base = study.base;
+  const std::vector<std::string>& paths = study.paths;
   const rankwise::TaskGenerator inputs(rankwise::TaskKind::Mixture, task_options);
   const rankwise::TeacherTaskOptions labels{.positions = rankwise::DistillPositions::NonPadding};
 
